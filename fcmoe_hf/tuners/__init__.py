@@ -1,0 +1,3 @@
+from .moe_lora import MoELoraConfig, MoELoraModel
+
+__all__ = ["MoELoraConfig", "MoELoraModel"]

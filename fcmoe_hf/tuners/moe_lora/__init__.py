@@ -1,0 +1,19 @@
+from .config import MOE_LORA_PEFT_TYPE, TRANSFORMERS_MODELS_TO_MOE_LORA_TARGET_MODULES_MAPPING, MoELoraConfig
+from .layer import Linear, MoELoraLayer, RoutingContext, RoutingStatistics
+from .model import MoELoraModel
+from .router import RouterOutput, load_balancing_loss, route, router_z_loss
+
+__all__ = [
+    "MOE_LORA_PEFT_TYPE",
+    "TRANSFORMERS_MODELS_TO_MOE_LORA_TARGET_MODULES_MAPPING",
+    "Linear",
+    "MoELoraConfig",
+    "MoELoraLayer",
+    "MoELoraModel",
+    "RouterOutput",
+    "RoutingContext",
+    "RoutingStatistics",
+    "load_balancing_loss",
+    "route",
+    "router_z_loss",
+]

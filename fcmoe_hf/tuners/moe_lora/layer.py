@@ -1,0 +1,234 @@
+"""MoE-LoRA tuner layer: `E` LoRA experts stored stacked (expert on dimension 0) and a token-level top-k router."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .config import MoELoraConfig
+from .router import load_balancing_loss, route, router_z_loss
+
+
+def _in_backward_pass() -> bool:
+    # Non-reentrant gradient checkpointing re-runs the forward inside backward: statistics and router losses must be
+    # recorded by the first forward only, or they would be counted twice.
+    current_task = getattr(torch._C, "_current_graph_task_id", None)
+    return current_task is not None and current_task() != -1
+
+
+@dataclass
+class RoutingContext:
+    """State shared by all MoE-LoRA layers of one model, written by the model before each forward.
+
+    Attributes:
+        attention_mask (`torch.Tensor`, *optional*): the `(batch, seq)` attention mask of the current forward; padding
+            tokens are kept out of the routing statistics and of the router losses.
+        track_statistics (`bool`): accumulate routing statistics (activation counts, gate probabilities).
+    """
+
+    attention_mask: Optional[torch.Tensor] = None
+    track_statistics: bool = True
+
+
+@dataclass
+class RoutingStatistics:
+    """Routing statistics of one MoE-LoRA layer, accumulated on device over forwards since the last reset.
+
+    Attributes:
+        activation_counts (`torch.Tensor`): `(E,)` number of tokens routed to each expert (a token counts once for
+            each of its top-k experts). FC-MoE's importance `c = f * ||Delta||` uses these as `f`.
+        probability_sum (`torch.Tensor`): `(E,)` sum over tokens of each expert's router probability.
+        num_tokens (`torch.Tensor`): scalar, number of (non-padding) tokens routed.
+    """
+
+    activation_counts: torch.Tensor
+    probability_sum: torch.Tensor
+    num_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+
+    @property
+    def mean_probability(self) -> torch.Tensor:
+        """`(E,)` mean router probability of each expert over the routed tokens."""
+        return self.probability_sum / self.num_tokens.clamp_min(1)
+
+    @property
+    def mean_gate(self) -> torch.Tensor:
+        """Alias of `mean_probability` (the "mean gate value" of usage-thresholded expert averaging)."""
+        return self.mean_probability
+
+
+class MoELoraLayer(BaseTunerLayer):
+    """Adapter state of a MoE-LoRA layer, one entry per adapter name.
+
+    Per adapter: `moe_lora_A` `(E, r, in_features)`, `moe_lora_B` `(E, out_features, r)` and the router weight
+    `moe_lora_router` `(E, in_features)`. Expert `e` of the layer is `(moe_lora_A[e], moe_lora_B[e])`.
+    """
+
+    adapter_layer_names = ("moe_lora_A", "moe_lora_B", "moe_lora_router")
+    other_param_names = ("r", "lora_alpha", "scaling", "num_experts", "top_k", "renormalize", "jitter_noise", "moe_lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, routing_context: Optional[RoutingContext] = None, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.num_experts: dict[str, int] = {}
+        self.top_k: dict[str, int] = {}
+        self.renormalize: dict[str, bool] = {}
+        self.jitter_noise: dict[str, float] = {}
+        self.moe_lora_dropout = nn.ModuleDict({})
+        self.moe_lora_A = nn.ParameterDict({})
+        self.moe_lora_B = nn.ParameterDict({})
+        self.moe_lora_router = nn.ParameterDict({})
+        self.routing_context = routing_context if routing_context is not None else RoutingContext()
+        # Plain attributes, not buffers: statistics and losses are never part of a checkpoint.
+        self.routing_statistics: dict[str, RoutingStatistics] = {}
+        self.router_losses: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"MoE-LoRA supports torch.nn.Linear target modules only, got {type(base).__name__}.")
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name: str, config: MoELoraConfig, inference_mode: bool = False) -> None:
+        """Create (or re-create) the experts and router of `adapter_name` from `config`."""
+        r, num_experts = config.r, config.num_experts
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.lora_alpha / r
+        self.num_experts[adapter_name] = num_experts
+        self.top_k[adapter_name] = config.top_k
+        self.renormalize[adapter_name] = config.renormalize
+        self.jitter_noise[adapter_name] = config.router_jitter_noise
+        self.moe_lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.moe_lora_A[adapter_name] = nn.Parameter(torch.empty(num_experts, r, self.in_features))
+        self.moe_lora_B[adapter_name] = nn.Parameter(torch.empty(num_experts, self.out_features, r))
+        self.moe_lora_router[adapter_name] = nn.Parameter(torch.empty(num_experts, self.in_features))
+        self.reset_moe_lora_parameters(adapter_name, config.init_lora_weights, config.router_init_std)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_moe_lora_parameters(self, adapter_name: str, init_lora_weights, router_init_std: float) -> None:
+        A, B = self.moe_lora_A[adapter_name], self.moe_lora_B[adapter_name]
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(A, std=1 / self.r[adapter_name])
+        else:
+            # Same bound as nn.init.kaiming_uniform_(a=sqrt(5)) on each expert's (r, in) matrix, as peft's LoRA does.
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(A, -bound, bound)
+        if init_lora_weights is False:
+            nn.init.uniform_(B, -1.0 / math.sqrt(self.r[adapter_name]), 1.0 / math.sqrt(self.r[adapter_name]))
+        else:
+            nn.init.zeros_(B)
+        nn.init.normal_(self.moe_lora_router[adapter_name], std=router_init_std)
+
+    def reset_routing_statistics(self) -> None:
+        """Forget the accumulated routing statistics of every adapter."""
+        self.routing_statistics.clear()
+
+    def _token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        mask = self.routing_context.attention_mask
+        if mask is None or x.dim() != 3 or mask.dim() != 2 or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
+            return None
+        # During cached generation the mask covers past + current tokens: the current ones are the last columns.
+        return mask[:, -x.shape[1] :].reshape(-1).to(device=x.device)
+
+    def _record(self, adapter_name: str, routing, token_mask: Optional[torch.Tensor]) -> None:
+        num_experts = self.num_experts[adapter_name]
+        if self.training and torch.is_grad_enabled():
+            self.router_losses[adapter_name] = (
+                load_balancing_loss(routing.probs, routing.expert_index, token_mask),
+                router_z_loss(routing.logits, token_mask),
+            )
+        if not self.routing_context.track_statistics:
+            return
+        with torch.no_grad():
+            index, probs = routing.expert_index, routing.probs
+            if token_mask is not None:
+                keep = token_mask.bool()
+                # Padding tokens are sent to a dropped bin (index E) instead of being filtered: no host sync.
+                index = torch.where(keep.unsqueeze(-1), index, num_experts)
+                probs = probs * keep.unsqueeze(-1)
+                num_tokens = keep.sum()
+            else:
+                num_tokens = torch.tensor(index.shape[0], device=index.device)
+            counts = torch.bincount(index.reshape(-1), minlength=num_experts + 1)[:num_experts]
+            stats = self.routing_statistics.get(adapter_name)
+            if stats is None:
+                stats = self.routing_statistics[adapter_name] = RoutingStatistics(
+                    activation_counts=torch.zeros(num_experts, dtype=torch.long, device=index.device),
+                    probability_sum=torch.zeros(num_experts, dtype=torch.float64, device=index.device),
+                    num_tokens=torch.zeros((), dtype=torch.long, device=index.device),
+                )
+            stats.activation_counts += counts
+            stats.probability_sum += probs.sum(dim=0).double()
+            stats.num_tokens += num_tokens
+
+    def moe_lora_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter's contribution for input `x` (`(..., in_features)`), in the dtype of the adapter weights."""
+        A, B = self.moe_lora_A[adapter_name], self.moe_lora_B[adapter_name]
+        num_experts, r = A.shape[0], A.shape[1]
+        flat = x.reshape(-1, self.in_features)
+        routing = route(
+            flat,
+            self.moe_lora_router[adapter_name],
+            self.top_k[adapter_name],
+            self.renormalize[adapter_name],
+            self.jitter_noise[adapter_name] if self.training else 0.0,
+        )
+        if not _in_backward_pass():
+            self._record(adapter_name, routing, self._token_mask(x))
+        # All experts' rank-r projections in one matmul ((N, E*r)), gated per token, then one matmul back: a rank-E*r
+        # LoRA whose unselected experts get gate 0 (so exactly zero output and zero gradient), with no per-expert or
+        # per-token Python loop.
+        hidden = F.linear(self.moe_lora_dropout[adapter_name](flat.to(A.dtype)), A.reshape(num_experts * r, -1))
+        hidden = hidden.view(-1, num_experts, r) * routing.gates.to(A.dtype).unsqueeze(-1)
+        out = F.linear(hidden.reshape(-1, num_experts * r), B.permute(1, 0, 2).reshape(self.out_features, -1))
+        return (out * self.scaling[adapter_name]).view(*x.shape[:-1], self.out_features)
+
+
+class Linear(nn.Module, MoELoraLayer):
+    """MoE-LoRA wrapped around an `nn.Linear`."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: MoELoraConfig,
+        routing_context: Optional[RoutingContext] = None,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        MoELoraLayer.__init__(self, base_layer, routing_context=routing_context, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise NotImplementedError(
+            "MoE-LoRA cannot be merged into the base weights: its expert mixture depends on each token's routing."
+        )
+
+    def unmerge(self) -> None:
+        warnings.warn("MoE-LoRA layers are never merged; nothing to unmerge.")
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for adapter_name in self.active_adapters:
+            if adapter_name in self.moe_lora_A:
+                result = result + self.moe_lora_delta(x, adapter_name).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "moe_lora." + super().__repr__()
