@@ -144,14 +144,19 @@ class MoELoraLayer(BaseTunerLayer):
         return mask[:, -x.shape[1] :].reshape(-1).to(device=x.device)
 
     def _record(self, adapter_name: str, routing, token_mask: Optional[torch.Tensor]) -> None:
-        num_experts = self.num_experts[adapter_name]
+        recomputing = _in_backward_pass()
         if self.training and torch.is_grad_enabled():
-            self.router_losses[adapter_name] = (
+            # Computed in the checkpoint recompute too (it must save the same tensors as the first forward), but only
+            # the first forward's losses are kept: those are the ones the trainer adds to the loss.
+            losses = (
                 load_balancing_loss(routing.probs, routing.expert_index, token_mask),
                 router_z_loss(routing.logits, token_mask),
             )
-        if not self.routing_context.track_statistics:
+            if not recomputing:
+                self.router_losses[adapter_name] = losses
+        if recomputing or not self.routing_context.track_statistics:
             return
+        num_experts = self.num_experts[adapter_name]
         with torch.no_grad():
             index, probs = routing.expert_index, routing.probs
             if token_mask is not None:
@@ -186,8 +191,7 @@ class MoELoraLayer(BaseTunerLayer):
             self.renormalize[adapter_name],
             self.jitter_noise[adapter_name] if self.training else 0.0,
         )
-        if not _in_backward_pass():
-            self._record(adapter_name, routing, self._token_mask(x))
+        self._record(adapter_name, routing, self._token_mask(x))
         # All experts' rank-r projections in one matmul ((N, E*r)), gated per token, then one matmul back: a rank-E*r
         # LoRA whose unselected experts get gate 0 (so exactly zero output and zero gradient), with no per-expert or
         # per-token Python loop.

@@ -1,0 +1,69 @@
+"""Tiny models built from configs in code, shared by the tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import fcmoe_hf  # noqa: E402,F401  (registers MoE-LoRA with peft)
+
+VOCAB = 64
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def tiny_moe_config(model_type: str, **overrides):
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    if model_type == "mixtral":
+        cfg = MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common)
+    elif model_type == "qwen2_moe":
+        cfg = Qwen2MoeConfig(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32, **common
+        )
+    elif model_type == "olmoe":
+        cfg = OlmoeConfig(num_experts=4, num_experts_per_tok=2, **common)
+    else:
+        raise ValueError(model_type)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def build_model(config, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return build_model(tiny_llama_config())
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, VOCAB, (2, 7), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding on the second row
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
