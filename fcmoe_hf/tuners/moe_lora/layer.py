@@ -223,7 +223,7 @@ class Linear(nn.Module, MoELoraLayer):
         )
 
     def unmerge(self) -> None:
-        warnings.warn("MoE-LoRA layers are never merged; nothing to unmerge.")
+        warnings.warn("MoE-LoRA layers are never merged; nothing to unmerge.", stacklevel=2)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
