@@ -67,3 +67,26 @@ def batch():
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :3] = 0  # left padding on the second row
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def token_dataset(num_samples: int = 16, seed: int = 0, min_len: int = 4, max_len: int = 10):
+    """A `datasets.Dataset` of random token sequences of varying length (so padding and num_items_in_batch matter)."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(num_samples):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        rows.append(torch.randint(3, VOCAB, (length,), generator=g).tolist())
+    return Dataset.from_dict({"input_ids": rows})
+
+
+def pad_collator(features):
+    """Right-pads `input_ids` with 0, masks padding in `attention_mask` and with -100 in `labels`."""
+    longest = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, f in enumerate(features):
+        ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, : len(f["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
