@@ -181,7 +181,7 @@ def test_base_model_experts_update_and_counts(tmp_path):
     assert set(update.expert_groups) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
     assert not update.shared_keys
     tokens = sum(len(ids) for ids in data["input_ids"])
-    for group, counts in update.activation_counts.items():
+    for counts in update.activation_counts.values():
         assert counts.shape == (4,) and int(counts.sum()) == 2 * tokens  # Mixtral top-2
     importance = update.importance()
     assert all((c >= 0).all() and c.sum() > 0 for c in importance.values())
