@@ -90,3 +90,19 @@ def pad_collator(features):
         ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
         mask[i, : len(f["input_ids"])] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 4)]
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over `w0 .. w59` built in code (ids 0-3: pad, bos, eos, unk)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

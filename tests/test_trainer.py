@@ -67,7 +67,7 @@ def test_aux_loss_reaches_router_gradient(tmp_path, coef, expect_change):
     model = moe_model()
     before = router_weight(model).detach().clone()
     trainer = FederatedMoETrainer(
-        model=model, args=args(tmp_path, max_steps=1, router_aux_loss_coef=coef, router_z_loss_coef=0.0),
+        model=model, args=args(tmp_path, max_steps=1, moe_lora_aux_loss_coef=coef, moe_lora_z_loss_coef=0.0),
         train_dataset=token_dataset(8), data_collator=pad_collator,
     )
     trainer.train()
@@ -132,7 +132,7 @@ def _train_once(tmp_path, name, batch, accum, aux_coef):
     trainer = FederatedMoETrainer(
         model=model,
         args=args(tmp_path / name, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, optim="sgd",
-                  router_aux_loss_coef=aux_coef, router_z_loss_coef=0.0),
+                  moe_lora_aux_loss_coef=aux_coef, moe_lora_z_loss_coef=0.0),
         train_dataset=token_dataset(8, min_len=2, max_len=12), data_collator=pad_collator,
     )
     output = trainer.train()
@@ -185,3 +185,71 @@ def test_base_model_experts_update_and_counts(tmp_path):
         assert counts.shape == (4,) and int(counts.sum()) == 2 * tokens  # Mixtral top-2
     importance = update.importance()
     assert all((c >= 0).all() and c.sum() > 0 for c in importance.values())
+
+
+def test_start_round_applies_retention(tmp_path):
+    from fcmoe_hf.federated.retention import retained_start
+
+    model = moe_model(init_lora_weights=False)
+    trainer = FederatedMoETrainer(
+        model=model, args=args(tmp_path, max_steps=2, retention_lambda=0.5), train_dataset=token_dataset(8),
+        data_collator=pad_collator,
+    )
+    trainer.train()
+    previous = trainer.client_update()
+    new_global = {k: v + 0.01 * torch.randn_like(v) for k, v in get_federated_state(model).items()}
+
+    start = trainer.start_round(new_global, previous, federated_round=1)
+    expected = retained_start(new_global, previous.deltas, lam=0.5)
+    for key, value in get_federated_state(model).items():
+        assert torch.equal(value, expected[key]) and torch.equal(start[key], expected[key])
+    # experts moved off the global by lambda * R, shared tensors (routers) start at the global
+    assert not torch.equal(start["base_model.model.model.layers.0.self_attn.q_proj.moe_lora_A"],
+                           new_global["base_model.model.model.layers.0.self_attn.q_proj.moe_lora_A"])
+    router_key = "base_model.model.model.layers.0.self_attn.q_proj.moe_lora_router"
+    assert torch.equal(start[router_key], new_global[router_key])
+
+    trainer.train()
+    update = trainer.client_update()
+    assert update.round == 1
+    end = get_federated_state(model)
+    for key in end:
+        assert torch.equal(update.deltas[key], end[key] - expected[key])
+
+    trainer.args.retention_lambda = 0.0
+    plain = trainer.start_round(new_global, update)
+    assert all(torch.equal(plain[k], new_global[k]) for k in new_global)
+
+
+def test_mixin_with_trl_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+    from dataclasses import dataclass
+
+    from datasets import Dataset
+
+    from fcmoe_hf.trainer import FederatedClientArguments, FederatedMoEMixin
+
+    from .conftest import WORDS, tiny_tokenizer
+
+    @dataclass
+    class FederatedSFTConfig(FederatedClientArguments, trl.SFTConfig):
+        pass
+
+    class FederatedSFTTrainer(FederatedMoEMixin, trl.SFTTrainer):
+        pass
+
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (8,), generator=g)) for _ in range(8)]
+    config = FederatedSFTConfig(
+        output_dir=str(tmp_path), client_id="sft_client", max_steps=2, per_device_train_batch_size=4, report_to=[],
+        use_cpu=True, save_strategy="no", logging_steps=1, max_length=16, moe_lora_aux_loss_coef=0.5,
+    )
+    model = moe_model(init_lora_weights=False)
+    trainer = FederatedSFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_dict({"text": texts}), processing_class=tiny_tokenizer()
+    )
+    trainer.train()
+    update = trainer.client_update()
+    assert update.client_id == "sft_client" and update.num_samples == 8
+    assert any("aux_loss" in entry for entry in trainer.state.log_history)
+    assert all(int(c.sum()) > 0 for c in update.activation_counts.values())

@@ -35,11 +35,14 @@ class FederatedClientArguments:
             "printed); 'filtered' = the part of the previous update the server's projection removed."
         },
     )
-    router_aux_loss_coef: Optional[float] = field(
+    moe_lora_aux_loss_coef: Optional[float] = field(
         default=None,
-        metadata={"help": "Weight of the MoE-LoRA load-balancing loss. None: take it from the MoELoraConfig."},
+        metadata={
+            "help": "Weight of the MoE-LoRA routers' load-balancing loss. None: the MoELoraConfig's router_aux_loss_coef. "
+            "(Distinct from a base MoE model's own router_aux_loss_coef, which the model adds to its loss itself.)"
+        },
     )
-    router_z_loss_coef: Optional[float] = field(
+    moe_lora_z_loss_coef: Optional[float] = field(
         default=None, metadata={"help": "Weight of the MoE-LoRA router z-loss. None: take it from the MoELoraConfig."}
     )
     count_base_expert_activations: bool = field(
@@ -59,7 +62,7 @@ class FederatedClientArguments:
             raise ValueError(f"retention_lambda must be >= 0, got retention_lambda={self.retention_lambda}.")
         if self.retention_mode not in ("projection", "filtered"):
             raise ValueError(f"retention_mode must be 'projection' or 'filtered', got {self.retention_mode!r}.")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        for name in ("moe_lora_aux_loss_coef", "moe_lora_z_loss_coef"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {name}={value}.")

@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import Trainer
 
+from ..federated.retention import retained_start
 from ..federated.updates import ClientUpdate
 from ..tuners.moe_lora import MoELoraModel
 from .arguments import FederatedClientArguments
@@ -26,8 +27,9 @@ _DEFAULTS = FederatedClientArguments()
 class FederatedMoEMixin:
     """Adds to a `Trainer` what a federated MoE client needs.
 
-    - `compute_loss` (calling `super()`) adds the MoE-LoRA router losses (`router_aux_loss_coef * aux +
-      router_z_loss_coef * z`), scaled like the task loss under gradient accumulation and `num_items_in_batch`, and
+    - `compute_loss` (calling `super()`) adds the MoE-LoRA router losses (`moe_lora_aux_loss_coef * aux +
+      moe_lora_z_loss_coef * z`, by default the `MoELoraConfig`'s `router_aux_loss_coef` / `router_z_loss_coef`),
+      scaled like the task loss under gradient accumulation and `num_items_in_batch`, and
       the optional FedProx term `proximal_mu / 2 * ||theta - theta_round_start||^2`; logs `task_loss`, `aux_loss`,
       `z_loss` and expert usage alongside the usual `loss`.
     - [`start_round`] sets the round's starting point: the new global state plus the retained residual of the
@@ -44,6 +46,7 @@ class FederatedMoEMixin:
         self._round_start: Optional[dict[str, torch.Tensor]] = None
         self._round_start_pending = False
         self._proximal_anchor: Optional[dict[str, torch.Tensor]] = None
+        self._previous_global: Optional[dict[str, torch.Tensor]] = None
         self._user_optimizer = self.optimizer is not None
         self._reset_round_accumulators()
 
@@ -63,8 +66,8 @@ class FederatedMoEMixin:
     def _router_loss_coefs(self) -> tuple[float, float]:
         moe = self.moe_model
         config = moe.peft_config[moe.active_adapters[0]] if moe is not None else None
-        aux = self._fed_arg("router_aux_loss_coef")
-        z = self._fed_arg("router_z_loss_coef")
+        aux = self._fed_arg("moe_lora_aux_loss_coef")
+        z = self._fed_arg("moe_lora_z_loss_coef")
         aux = aux if aux is not None else (config.router_aux_loss_coef if config is not None else 0.0)
         z = z if z is not None else (config.router_z_loss_coef if config is not None else 0.0)
         return aux, z
@@ -95,37 +98,41 @@ class FederatedMoEMixin:
         global_state: Mapping[str, torch.Tensor],
         previous_update: Optional[ClientUpdate] = None,
         federated_round: Optional[int] = None,
-        residual_scale: Optional[Mapping[str, torch.Tensor]] = None,
+        previous_global: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> dict[str, torch.Tensor]:
         """Load the round's starting point into the model and return it.
 
         The start is `Theta + retention_lambda * R` for every expert (DESIGN.md §3 step 6), with `R` the retained
-        residual of `previous_update` under the new global `global_state` (see
-        [`fcmoe_hf.federated.retention.retained_start`]); shared tensors start from the global. Without a previous
-        update, or with `retention_lambda=0`, the round starts from `global_state`.
+        residual of `previous_update` under the new global `global_state` (computed by
+        [`fcmoe_hf.federated.retained_start`], the same function the server uses for personalized adapters); shared
+        tensors start from the global. Without a previous update, or with `retention_lambda=0`, the round starts from
+        `global_state`.
 
         Args:
             global_state: the new global tensors, keyed like the model's federated state.
             previous_update: this client's update of the previous round it took part in.
             federated_round: sets `args.federated_round` when given.
-            residual_scale: for `retention_mode="filtered"`, what the server returned for this client (the
-                per-expert coefficients of the filtered-out part); ignored otherwise.
+            previous_global: the global state `previous_update` started from, needed by `retention_mode="filtered"`;
+                defaults to the `global_state` of this trainer's previous `start_round`.
         """
-        from ..federated.retention import retained_start
-
         if federated_round is not None and hasattr(self.args, "federated_round"):
             self.args.federated_round = federated_round
         lam = self._fed_arg("retention_lambda")
+        mode = self._fed_arg("retention_mode")
+        if previous_global is None:
+            previous_global = self._previous_global
         start: Mapping[str, torch.Tensor] = global_state
         if previous_update is not None and lam > 0:
             start = retained_start(
                 global_state,
                 previous_update.deltas,
                 lam=lam,
-                mode=self._fed_arg("retention_mode"),
-                residual_scale=residual_scale,
+                mode=mode,
+                previous_global=previous_global if mode == "filtered" else None,
             )
         set_federated_state(self.model, start)
+        # Only the filtered residual needs last round's global; keep the copy only then.
+        self._previous_global = {k: v.detach().cpu().clone() for k, v in global_state.items()} if mode == "filtered" else None
         if not self._user_optimizer:
             # Each round is a fresh local optimisation from the new starting point (no stale Adam moments).
             self.optimizer, self.lr_scheduler = None, None

@@ -46,7 +46,7 @@ def main():
         use_cpu=True,  # without it a CPU launch is N lone processes, not data parallel (DESIGN.md §5)
         seed=0,
         deepspeed=args.deepspeed,
-        router_aux_loss_coef=0.01,
+        moe_lora_aux_loss_coef=0.01,
     )
     trainer = FederatedMoETrainer(
         model=model, args=training_args, train_dataset=token_dataset(16), data_collator=pad_collator
