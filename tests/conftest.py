@@ -12,6 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import fcmoe_hf  # noqa: E402,F401  (registers MoE-LoRA with peft)
 
+# Tiny models: one thread avoids thread-sync overhead that dominates their microsecond-sized matmuls.
+torch.set_num_threads(1)
+
 VOCAB = 64
 
 
