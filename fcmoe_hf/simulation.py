@@ -30,6 +30,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.trainer_callback import PrinterCallback
 
 from .data import (
     ClientSplits,
@@ -54,10 +55,11 @@ class FederationArguments:
     """The federation around the clients' local training (a dataclass `HfArgumentParser` reads).
 
     Local training itself (learning rate, batch size, epochs per round, ...) is configured by
-    [`FederatedMoETrainingArguments`]; the partition of the data by [`~fcmoe_hf.data.PartitionConfig`].
+    [`FederatedMoETrainingArguments`], whose `output_dir` is the run directory, `seed` the seed of client sampling and
+    of the clients' training, and `report_to` where round metrics go besides `metrics.jsonl` (`tensorboard`); the
+    partition of the data by [`~fcmoe_hf.data.PartitionConfig`].
     """
 
-    run_dir: str = field(default="outputs/demo", metadata={"help": "Where the run writes adapters, metrics, plots."})
     aggregator: str = field(
         default="fcmoe",
         metadata={"help": "Server merge: fcmoe, fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ties, fedmoe, pfl_moe."},
@@ -82,10 +84,6 @@ class FederationArguments:
         default=None, metadata={"help": "Evaluate each personalized adapter on at most this many local test examples."}
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the last complete round in run_dir."})
-    seed: int = field(default=42, metadata={"help": "Seed of client sampling and of every client's local training."})
-    report_to: list[str] = field(
-        default_factory=lambda: ["tensorboard"], metadata={"help": "Round metrics also go to: tensorboard, or none."}
-    )
     save_client_adapters: bool = field(default=True, metadata={"help": "Save every client's personalized adapter."})
     base_model_id: Optional[str] = field(
         default=None, metadata={"help": "Base model id written into adapter configs and model cards."}
@@ -107,8 +105,6 @@ class FederationArguments:
             raise ValueError(f"task must be 'category' or 'causal_lm', got {self.task!r}.")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}.")
-        if self.report_to in ("none", ["none"]):
-            self.report_to = []
 
 
 def _retention_settings(aggregator: Aggregator) -> tuple[float, str]:
@@ -126,9 +122,9 @@ class FederatedSimulation:
         model (`PeftModel`): the base model with its (MoE-)LoRA adapter; its trainable tensors are the federated state.
         tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer (with a pad token).
         splits ([`~fcmoe_hf.data.ClientSplits`]): every client's train / local test data and the global test set.
-        args ([`FederationArguments`]): rounds, sampling, aggregator, evaluation, outputs.
-        training_args ([`FederatedMoETrainingArguments`]): the clients' local training; `client_id`, `federated_round`,
-            `seed`, `output_dir` and the retention fields are set per client and round.
+        args ([`FederationArguments`]): rounds, sampling, aggregator, evaluation.
+        training_args ([`FederatedMoETrainingArguments`]): the clients' local training; its `output_dir` is the run
+            directory. `client_id`, `federated_round`, `seed` and the retention fields are set per client and round.
         aggregator ([`~fcmoe_hf.federated.Aggregator`], *optional*): built from `args.aggregator` when omitted.
         on_round_end (`Callable[[int, dict], None]`, *optional*): called on every process after each round is
             checkpointed, with the round and its metrics.
@@ -148,7 +144,9 @@ class FederatedSimulation:
         self.training_args = training_args
         self.aggregator = aggregator or build_aggregator(args.aggregator, args.aggregator_config)
         self.on_round_end = on_round_end
-        self.run_dir = Path(args.run_dir)
+        self.run_dir = Path(training_args.output_dir)
+        self.seed = training_args.seed
+        self.report_to = [r for r in (training_args.report_to or []) if r != "none"]
         self.state = PartialState()
         self.client_ids = [f"client_{i}" for i in range(splits.num_clients)]
         self.retention_lambda, self.retention_mode = _retention_settings(self.aggregator)
@@ -195,7 +193,7 @@ class FederatedSimulation:
         num = min(len(self.client_ids), max(self.args.min_fit_clients, round(self.args.fraction_fit * len(self.client_ids))))
         if num == len(self.client_ids):
             return list(self.client_ids)
-        rng = np.random.default_rng([self.args.seed, round_index])
+        rng = np.random.default_rng([self.seed, round_index])
         return [self.client_ids[i] for i in sorted(rng.choice(len(self.client_ids), size=num, replace=False))]
 
     def personalized_state(self, global_state: Mapping[str, torch.Tensor], client_id: str) -> Mapping[str, torch.Tensor]:
@@ -215,7 +213,7 @@ class FederatedSimulation:
             self.training_args,
             client_id=client_id,
             federated_round=round_index,
-            seed=self.args.seed + 1000 * round_index + index,
+            seed=self.seed + 1000 * round_index + index,
             output_dir=str(self.run_dir / "scratch"),
             retention_lambda=self.retention_lambda,
             retention_mode=self.retention_mode,
@@ -227,10 +225,14 @@ class FederatedSimulation:
             model=self.model, args=args, train_dataset=self.train_sets[index], data_collator=self.collator,
             processing_class=self.tokenizer,
         )
+        # The round bar reports progress; per-step log lines of every client would drown it (they stay in log_history).
+        trainer.remove_callback(PrinterCallback)
         trainer.start_round(global_state, self._last_update(client_id), previous_global=self._previous_global(client_id))
         trainer.train()
         update = trainer.client_update()
-        del trainer
+        # Release the wrapped engine: a DeepSpeed engine keeps gradient hooks on the shared model's parameters, which
+        # would fire again (double reduction) under the next client's engine.
+        trainer.accelerator.free_memory()
         return update
 
     def evaluate(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -356,7 +358,7 @@ class FederatedSimulation:
             truncate_jsonl(self.run_dir / "conflicts.jsonl", start_round)
             with open(self.run_dir / "partition.json", "w") as f:
                 json.dump(self.splits.summary(), f)
-        round_logger = RoundLogger(self.run_dir, self.args.report_to) if main else None
+        round_logger = RoundLogger(self.run_dir, self.report_to) if main else None
         bar = tqdm(range(start_round + 1, self.args.num_rounds + 1), desc=f"FL {self.args.aggregator}", disable=not main,
                    initial=start_round, total=self.args.num_rounds, unit="round")
         for round_index in bar:
@@ -398,6 +400,7 @@ class FederatedSimulation:
         for client_id in result.client_ids:
             self.last_update_round[client_id] = round_index
         metrics: dict[str, Any] = {f"server_{k}": v for k, v in result.summary().items()}
+        metrics["num_processes"] = self.state.num_processes
         metrics["conflict_share"] = metrics.pop("server_conflict_share", float("nan"))
         metrics["rejected"] = [{"client_id": r.client_id, "reason": r.reason} for r in result.rejected]
         for key, values in train_metrics.items():

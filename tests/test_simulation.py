@@ -35,15 +35,15 @@ def tiny_corpus(per_class=12, seed=0):
 
 
 def make_simulation(tmp_path, run_name="run", aggregator="fcmoe", num_rounds=2, on_round_end=None, resume=False):
-    splits = partition_dataset(tiny_corpus(), PartitionConfig(num_clients=3, alpha=0.5, min_partition_size=4, seed=0))
+    splits = partition_dataset(tiny_corpus(), PartitionConfig(num_clients=3, alpha=0.5, min_partition_size=4, partition_seed=0))
     model = get_peft_model(build_model(tiny_llama_config(), seed=0), MoELoraConfig(r=4, num_experts=4, top_k=2))
     args = FederationArguments(
-        run_dir=str(tmp_path / run_name), aggregator=aggregator, num_rounds=num_rounds, max_length=32,
-        eval_batch_size=8, report_to=["tensorboard"], resume=resume, base_model_id="tiny-llama",
+        aggregator=aggregator, num_rounds=num_rounds, max_length=32, eval_batch_size=8, resume=resume,
+        base_model_id="tiny-llama",
     )
     training_args = FederatedMoETrainingArguments(
-        output_dir=str(tmp_path / "unused"), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=5e-3,
-        use_cpu=True, report_to=[], logging_steps=1,
+        output_dir=str(tmp_path / run_name), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=5e-3,
+        use_cpu=True, report_to=["tensorboard"], logging_steps=1,
     )
     return FederatedSimulation(model, tiny_tokenizer(), splits, args, training_args, on_round_end=on_round_end)
 

@@ -42,6 +42,11 @@ class FederatedMoEMixin:
     """
 
     def __init__(self, *args, **kwargs):
+        training_args = kwargs.get("args")
+        if training_args is not None and training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
+            # Reentrant checkpointing runs the first forward under no_grad: the router losses recorded there would carry
+            # no gradient. The non-reentrant variant keeps them differentiable.
+            training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__init__(*args, **kwargs)
         self._round_start: Optional[dict[str, torch.Tensor]] = None
         self._round_start_pending = False

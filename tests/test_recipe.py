@@ -1,0 +1,70 @@
+"""The recipe users run, end to end on a tiny model: one round with 2 clients under `accelerate launch` with two CPU
+processes (DDP over gloo) and under the DeepSpeed ZeRO-2 config with one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fcmoe_hf.trainer import get_federated_state
+
+from .conftest import build_model, tiny_llama_config, tiny_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_model")
+    build_model(tiny_llama_config()).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_recipe(launch_args, model_dir, output_dir):
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(_free_port()), *launch_args,
+        "recipes/fcmoe_sft.py", "--config", "recipes/configs/demo.yaml",
+        "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
+        "--num_rounds", "1", "--num_clients", "2", "--min_partition_size", "10", "--max_train_samples_per_client", "8",
+        "--max_global_eval_samples", "8", "--max_local_eval_samples", "4", "--per_device_train_batch_size", "2",
+        "--max_length", "48", "--report_to", "none",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"Outputs in {os.path.abspath(output_dir)}" in proc.stdout
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["round"] for r in records] == [1]
+    model = PeftModel.from_pretrained(build_model(tiny_llama_config()), os.path.join(output_dir, "global_adapter"))
+    assert all(torch.isfinite(v).all() for v in get_federated_state(model).values())
+    for client in ("client_0", "client_1"):
+        assert os.path.exists(os.path.join(output_dir, "clients", client, "adapter", "adapter_model.safetensors"))
+    return records[0]
+
+
+def test_recipe_under_accelerate_ddp_two_processes(tiny_model_dir, tmp_path):
+    metrics = _run_recipe(["--multi_gpu", "--num_processes", "2"], tiny_model_dir, tmp_path / "ddp")
+    assert metrics["num_processes"] == 2 and metrics["server_num_clients"] == 2
+    assert "global_accuracy" in metrics and "local_accuracy_mean" in metrics
+
+
+def test_recipe_under_deepspeed_zero2_one_process(tiny_model_dir, tmp_path):
+    metrics = _run_recipe(
+        ["--config_file", "recipes/accelerate/deepspeed_zero2.yaml", "--num_processes", "1"], tiny_model_dir,
+        tmp_path / "zero2",
+    )
+    assert metrics["num_processes"] == 1 and metrics["server_num_clients"] == 2
