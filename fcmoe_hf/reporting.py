@@ -138,3 +138,28 @@ def plot_conflict_heatmap(run_dir: str | os.PathLike, output: str | os.PathLike,
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return output
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Compare runs: `python -m fcmoe_hf.reporting fcmoe=outputs/a fedavg=outputs/b --output compare.png`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (or RUN_DIR, labelled by its name)")
+    parser.add_argument("--output", default="compare.png")
+    parser.add_argument("--metrics", nargs="+", default=["global_accuracy", "local_accuracy_mean"])
+    args = parser.parse_args(argv)
+    runs = {}
+    for item in args.runs:
+        label, sep, path = item.partition("=")
+        if not sep:
+            label, path = Path(item).name, item
+        if not (Path(path) / METRICS_FILE).exists():
+            parser.error(f"{path} has no {METRICS_FILE}")
+        runs[label] = path
+    written = plot_metrics(runs, args.output, args.metrics)
+    print(written if written else f"none of {args.metrics} found in the runs")
+
+
+if __name__ == "__main__":
+    main()
