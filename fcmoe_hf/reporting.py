@@ -71,15 +71,28 @@ def _json_default(value):
     return str(value)
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, output: str | os.PathLike) -> Path:
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    _pyplot().close(fig)
+    return output
+
+
 def plot_metrics(
     runs: Mapping[str, str | os.PathLike], output: str | os.PathLike, metrics: Sequence[str] = ("global_accuracy", "local_accuracy_mean")
 ) -> Optional[Path]:
     """Line plots of `metrics` per round, one line per run (`{label: run_dir}`), side by side; `None` if no data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     histories = {label: read_jsonl(Path(run) / METRICS_FILE) for label, run in runs.items()}
     present = [m for m in metrics if any(m in r for h in histories.values() for r in h)]
     if not present:
@@ -95,22 +108,15 @@ def plot_metrics(
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
-    return output
+    return _save(fig, output)
 
 
 def plot_conflict_heatmap(run_dir: str | os.PathLike, output: str | os.PathLike, max_groups: int = 64) -> Optional[Path]:
     """Heatmap of the share of conflicting clients per expert (rows: expert groups, columns: expert index), averaged
     over the run's rounds, from the server diagnostics in `conflicts.jsonl`; `None` if there are none."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = _pyplot()
     records = read_jsonl(Path(run_dir) / DIAGNOSTICS_FILE)
     if not records:
         return None
@@ -133,11 +139,7 @@ def plot_conflict_heatmap(run_dir: str | os.PathLike, output: str | os.PathLike,
     ax.set_title(f"share of conflicting clients (mean over {len(records)} rounds)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.05)
     fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
-    return output
+    return _save(fig, output)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

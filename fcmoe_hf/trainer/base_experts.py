@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..tuners.moe_lora.router import dispatch_statistics
+
 
 def base_expert_groups(model: nn.Module) -> list[str]:
     """Names of the modules holding an MoE base's fused experts (`...mlp.experts`), in layer order."""
@@ -39,15 +41,8 @@ def count_routed_tokens(
     router_logits: torch.Tensor, top_k: int, attention_mask: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(counts (E,), probability_sum (E,), num_tokens)` of one layer's `(N, E)` router logits, padding excluded."""
-    num_experts = router_logits.shape[-1]
     probs = router_logits.float().softmax(-1)
     index = probs.topk(top_k, dim=-1).indices
-    if attention_mask is not None and attention_mask.numel() == router_logits.shape[0]:
-        keep = attention_mask.reshape(-1).bool().to(index.device)
-        index = torch.where(keep.unsqueeze(-1), index, num_experts)
-        probs = probs * keep.unsqueeze(-1)
-        num_tokens = keep.sum()
-    else:
-        num_tokens = torch.tensor(router_logits.shape[0], device=router_logits.device)
-    counts = torch.bincount(index.reshape(-1), minlength=num_experts + 1)[:num_experts]
-    return counts, probs.sum(0).double(), num_tokens
+    if attention_mask is not None and attention_mask.numel() != router_logits.shape[0]:
+        attention_mask = None  # logits not aligned with the mask (e.g. packed inputs): count every token
+    return dispatch_statistics(probs, index, attention_mask)

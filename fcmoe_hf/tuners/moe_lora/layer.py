@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import MoELoraConfig
-from .router import load_balancing_loss, route, router_z_loss
+from .router import dispatch_statistics, load_balancing_loss, route, router_z_loss
 
 
 def _in_backward_pass() -> bool:
@@ -156,27 +156,13 @@ class MoELoraLayer(BaseTunerLayer):
                 self.router_losses[adapter_name] = losses
         if recomputing or not self.routing_context.track_statistics:
             return
-        num_experts = self.num_experts[adapter_name]
-        with torch.no_grad():
-            index, probs = routing.expert_index, routing.probs
-            if token_mask is not None:
-                keep = token_mask.bool()
-                # Padding tokens are sent to a dropped bin (index E) instead of being filtered: no host sync.
-                index = torch.where(keep.unsqueeze(-1), index, num_experts)
-                probs = probs * keep.unsqueeze(-1)
-                num_tokens = keep.sum()
-            else:
-                num_tokens = torch.tensor(index.shape[0], device=index.device)
-            counts = torch.bincount(index.reshape(-1), minlength=num_experts + 1)[:num_experts]
-            stats = self.routing_statistics.get(adapter_name)
-            if stats is None:
-                stats = self.routing_statistics[adapter_name] = RoutingStatistics(
-                    activation_counts=torch.zeros(num_experts, dtype=torch.long, device=index.device),
-                    probability_sum=torch.zeros(num_experts, dtype=torch.float64, device=index.device),
-                    num_tokens=torch.zeros((), dtype=torch.long, device=index.device),
-                )
+        counts, probability_sum, num_tokens = dispatch_statistics(routing.probs, routing.expert_index, token_mask)
+        stats = self.routing_statistics.get(adapter_name)
+        if stats is None:
+            self.routing_statistics[adapter_name] = RoutingStatistics(counts, probability_sum, num_tokens)
+        else:
             stats.activation_counts += counts
-            stats.probability_sum += probs.sum(dim=0).double()
+            stats.probability_sum += probability_sum
             stats.num_tokens += num_tokens
 
     def moe_lora_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:

@@ -81,3 +81,24 @@ def router_z_loss(logits: torch.Tensor, token_mask: Optional[torch.Tensor] = Non
         return z.mean()
     weight = token_mask.to(z.dtype)
     return (z * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+@torch.no_grad()
+def dispatch_statistics(
+    probs: torch.Tensor, expert_index: torch.Tensor, token_mask: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(activation_counts (E,), probability_sum (E,), num_tokens)` of one routing call, padding tokens excluded.
+
+    A token counts once for each of its top-k experts. Computed on device with no host sync: padding tokens go to a
+    dropped bin instead of being filtered out.
+    """
+    num_experts = probs.shape[-1]
+    if token_mask is not None:
+        keep = token_mask.reshape(-1).bool().to(expert_index.device)
+        expert_index = torch.where(keep.unsqueeze(-1), expert_index, num_experts)
+        probs = probs * keep.unsqueeze(-1)
+        num_tokens = keep.sum()
+    else:
+        num_tokens = torch.tensor(expert_index.shape[0], device=expert_index.device)
+    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts + 1)[:num_experts]
+    return counts, probs.sum(dim=0).double(), num_tokens
