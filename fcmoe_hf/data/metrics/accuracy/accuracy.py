@@ -1,8 +1,13 @@
-"""Accuracy as an `evaluate` metric script, shipped with fcmoe_hf because the Hub's copy is unreachable offline."""
+"""Accuracy as an `evaluate` metric script, shipped with fcmoe_hf because the Hub's copy is unreachable offline.
 
-import datasets
+The input checks and metric info shared with the other metrics live in `fcmoe_hf.data.metrics._classification`,
+imported absolutely because `evaluate.load` runs a copy of this script from its module cache.
+"""
+
 import evaluate
 import numpy as np
+
+from fcmoe_hf.data.metrics._classification import check_inputs, metric_info
 
 _DESCRIPTION = """
 Accuracy is the share of predictions equal to their references: (TP + TN) / (TP + TN + FP + FN) for binary labels, the
@@ -25,39 +30,14 @@ Examples:
     {'accuracy': 0.75}
 """
 
-_CITATION = """
-@article{scikit-learn,
-  title={Scikit-learn: Machine Learning in {P}ython},
-  author={Pedregosa, F. and others},
-  journal={Journal of Machine Learning Research},
-  volume={12},
-  pages={2825--2830},
-  year={2011}
-}
-"""
-
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Accuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
-            reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"],
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, "accuracy_score")
 
     def _compute(self, predictions, references, normalize=True, sample_weight=None):
-        predictions = np.asarray(predictions, dtype=np.int64)
-        references = np.asarray(references, dtype=np.int64)
-        if predictions.shape != references.shape:
-            raise ValueError(f"predictions {predictions.shape} and references {references.shape} differ in shape")
-        weights = np.ones(len(references)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-        if weights.shape != references.shape:
-            raise ValueError(f"sample_weight has shape {weights.shape}, expected {references.shape}")
+        predictions, references, weights = check_inputs(predictions, references, sample_weight)
         correct = float(np.sum(weights * (predictions == references)))
         if not normalize:
             return {"accuracy": correct}
