@@ -16,6 +16,8 @@ import json
 import math
 import os
 import re
+import struct
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
@@ -27,6 +29,19 @@ from safetensors.torch import save_file
 UPDATE_TENSORS_FILE = "update.safetensors"
 UPDATE_COUNTS_FILE = "activation_counts.safetensors"
 UPDATE_META_FILE = "update.json"
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 _MOE_LORA_EXPERT = re.compile(r"^(?P<group>.+)\.(?P<param>moe_lora_A|moe_lora_B)$")
 _BASE_EXPERT = re.compile(r"^(?P<group>.+\.experts)\.(?P<param>[^.]+)$")
@@ -91,22 +106,85 @@ def expert_norms(tensors: Mapping[str, torch.Tensor], keys: list[str]) -> torch.
     return squared.sqrt()
 
 
-class LazySafetensors(Mapping):
-    """A read-only `Mapping[str, Tensor]` over a safetensors file: each tensor is read (memory-mapped) on access.
+def describe_tensor(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[torch.Size, Optional[torch.dtype]]:
+    """`(shape, dtype)` of `tensors[key]`, read from the file header when `tensors` is a [`LazySafetensors`]."""
+    if isinstance(tensors, LazySafetensors):
+        return tensors.tensor_info(key)
+    tensor = tensors[key]
+    return tensor.shape, tensor.dtype
 
-    Lets the server stream clients' updates tensor by tensor instead of holding every full update in memory.
+
+class LazySafetensors(Mapping):
+    """A read-only `Mapping[str, Tensor]` over a safetensors file: each tensor is read from disk on access.
+
+    Lets the server stream clients' updates tensor by tensor instead of holding every full update in memory. The
+    header is parsed once (keys, shapes, dtypes, offsets, checked against the file size); each access then reads just
+    that tensor's bytes into a fresh tensor. Nothing stays mapped between accesses, so memory (RSS) holds only the
+    tensors the caller keeps, and repeated reads of a recently read tensor come from the OS page cache.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        with safe_open(self.path, framework="pt") as f:
-            self._keys = list(f.keys())
+        self._info: dict[str, tuple[torch.Size, Optional[torch.dtype]]] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        if sys.byteorder != "little":  # safetensors is little-endian: let the library byte-swap
+            with safe_open(self.path, framework="pt") as f:
+                for key in f.keys():
+                    info = f.get_slice(key)
+                    self._info[key] = (torch.Size(info.get_shape()), _SAFETENSORS_DTYPES.get(info.get_dtype()))
+            self._keys = list(self._info)
+            return
+        self._keys = []
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise ValueError(f"header length {header_len} exceeds the file size {size}")
+                header = json.loads(f.read(header_len))
+        except (OSError, struct.error, ValueError) as err:
+            raise ValueError(f"Cannot read the safetensors header of {self.path}: {err}") from err
+        data_start = 8 + header_len
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+            shape = torch.Size(entry.get("shape", ()))
+            begin, end = entry.get("data_offsets", (0, -1))
+            expected = math.prod(shape) * (dtype.itemsize if dtype is not None else 0)
+            if dtype is not None and (end - begin != expected or data_start + end > size or begin < 0):
+                raise ValueError(f"{self.path}: tensor {key!r} has inconsistent offsets {begin, end} for {tuple(shape)} {dtype}.")
+            self._keys.append(key)
+            self._info[key] = (shape, dtype)
+            self._offsets[key] = (data_start + begin, end - begin)
+        self._keys.sort()  # the order safetensors' own `keys()` gives
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
+        if key not in self._info:
             raise KeyError(key)
-        with safe_open(self.path, framework="pt") as f:
-            return f.get_tensor(key)
+        shape, dtype = self._info[key]
+        if key not in self._offsets or dtype is None:
+            with safe_open(self.path, framework="pt") as f:
+                return f.get_tensor(key)
+        offset, nbytes = self._offsets[key]
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(buffer.numpy())
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(offset)
+                done = 0
+                while done < nbytes:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise ValueError(f"{self.path} ended while reading tensor {key!r}.")
+                    done += n
+        return buffer.view(dtype).reshape(shape)
+
+    def tensor_info(self, key: str) -> tuple[torch.Size, Optional[torch.dtype]]:
+        """`(shape, dtype)` of `key` from the file header, without reading the tensor (dtype `None` if torch lacks it)."""
+        if key not in self._info:
+            raise KeyError(key)
+        return self._info[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -115,7 +193,7 @@ class LazySafetensors(Mapping):
         return len(self._keys)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._keys
+        return key in self._info
 
 
 @dataclass

@@ -1,0 +1,332 @@
+"""Streaming passes over client updates: a merge holds one expert group (or one shared tensor) at a time.
+
+The aggregators never hold every client's full adapter. They walk the global state group by group (and shared tensor
+by shared tensor) and, for each, read the clients' tensors one client at a time from their (possibly lazy,
+safetensors-backed) `deltas`, folding each into a float32 accumulator of one group's size. Peak memory is the output
+state plus a few groups' worth of buffers, flat in the number of clients K. A second read of the same group, when a
+merge needs one (FC-MoE's dot products with the consensus), is served from float32 copies kept from the first read
+within a fixed budget ([`UpdateStream`]'s `cache_bytes`), and beyond it from the OS page cache (the group was just
+read).
+
+Values are checked on the first read of each tensor of a merge: a client with NaN/Inf (found through its norms, or
+through a non-finite accumulator when norms are not needed) is reported with [`ContentRejected`], and the aggregator
+restarts the merge without it, so a round with a bad update costs one more merge and a valid round costs nothing.
+
+Client updates may be clipped: a factor `clip[i]` scales client `i`'s whole update. It is folded into the weights and
+statistics instead of scaling tensors, so no scaled copy of an update is ever made.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .consensus import row_dot
+from .updates import ClientUpdate
+from .validation import check_tensor_values
+
+#: Accumulators and working copies are float32 whatever the updates' dtype (bf16 updates are upcast on read).
+ACCUMULATE_DTYPE = torch.float32
+_CPU = torch.device("cpu")
+
+
+class ContentRejected(Exception):
+    """Raised inside a merge when client updates turn out to hold invalid values; `problems` maps index -> reason."""
+
+    def __init__(self, problems: dict[int, str]):
+        super().__init__("; ".join(f"client #{i}: {r}" for i, r in sorted(problems.items())))
+        self.problems = problems
+
+
+def as_rows(tensor: torch.Tensor, expert_rows: bool) -> torch.Tensor:
+    """A 2-D view: `(E, -1)` for an expert tensor (one row per expert), `(1, -1)` for a shared tensor."""
+    if expert_rows:
+        return tensor.reshape(tensor.shape[0], -1)
+    return tensor.reshape(1, -1)
+
+
+def row_sq_norm(a: torch.Tensor) -> torch.Tensor:
+    """`(R,)` float64 squared L2 norms of the rows of a float32 2-D tensor."""
+    return torch.linalg.vector_norm(a, dim=1).double().square()
+
+
+def rows_shape(shape: Sequence[int], expert_rows: bool) -> tuple[int, int]:
+    """The shape of [`as_rows`] of a tensor of shape `shape`."""
+    numel = math.prod(shape)
+    if expert_rows:
+        return shape[0], numel // shape[0] if shape[0] else 0
+    return 1, numel
+
+
+class UpdateStream:
+    """Reads the updates of one merge tensor by tensor, checks values on first reads, and tracks update norms.
+
+    Float32 working copies of bf16/fp16 updates are made into recycled buffers ([`release`]): a merge converts
+    thousands of same-shaped tensors, and fresh allocations for each were measured to cost more in page faults than
+    the conversions themselves. Reads are plain sequential file reads left to the kernel's readahead (an explicit
+    prefetch, by `posix_fadvise(WILLNEED)` or by a reader thread, measured slower here).
+
+    Args:
+        updates (`Sequence[ClientUpdate]`): the (structurally valid) updates being merged, in client order.
+        clip (`Sequence[float]`, *optional*): per-client scale factors (norm clipping); all 1 by default.
+        track_norms (`bool`): accumulate every client's squared update norm over first reads, for a norm bound.
+        cache_bytes (`int`): memory allowed for keeping clients' float32 copies of one group between a first and a
+            second read of it (see [`weighted_pass`]'s `keep`); clients beyond it are read again. 0 disables it.
+    """
+
+    def __init__(
+        self,
+        updates: Sequence[ClientUpdate],
+        clip: Optional[Sequence[float]] = None,
+        track_norms: bool = False,
+        cache_bytes: int = 0,
+    ):
+        self.updates = list(updates)
+        self.clip = torch.ones(len(self.updates), dtype=torch.float64) if clip is None else torch.tensor(list(clip), dtype=torch.float64)
+        self.track_norms = track_norms
+        self.cache_bytes = cache_bytes
+        self.squared_norms = torch.zeros(len(self.updates), dtype=torch.float64)
+        self._cache: dict[int, list[torch.Tensor]] = {}
+        self._cached_bytes = 0
+        self._free: dict[tuple, list[torch.Tensor]] = {}  # recycled float32 buffers by (shape, dtype, device)
+        self._owned: dict[int, torch.Tensor] = {}  # handed-out buffers (never the caller's own tensors)
+
+    def __len__(self) -> int:
+        return len(self.updates)
+
+    def read(
+        self, i: int, keys: Sequence[str], device: torch.device, expert_rows: bool, dtype: Optional[torch.dtype] = ACCUMULATE_DTYPE
+    ) -> list[torch.Tensor]:
+        """Client `i`'s raw (unclipped) tensors `keys` as 2-D tensors, in `dtype` (`None`: as stored).
+
+        Read-only: a tensor already in `dtype` may be the caller's own. Converted copies are recycled buffers: hand
+        them back with [`release`] once done.
+        """
+        deltas = self.updates[i].deltas
+        out = []
+        for key in keys:
+            raw = as_rows(deltas[key], expert_rows)
+            if (dtype is None or raw.dtype == dtype) and raw.device == device:
+                out.append(raw)
+                continue
+            spec = (tuple(raw.shape), dtype or raw.dtype, device)
+            free = self._free.get(spec)
+            buffer = free.pop() if free else torch.empty(spec[0], dtype=spec[1], device=device)
+            buffer.copy_(raw)
+            self._owned[id(buffer)] = buffer  # a strong reference: the id cannot be reused while it is ours
+            out.append(buffer)
+        return out
+
+    def release(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Recycle the converted buffers among `tensors` (others, e.g. the caller's tensors, are left alone)."""
+        for t in tensors:
+            if self._owned.get(id(t)) is t:
+                del self._owned[id(t)]
+                self._free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+
+    def keep(self, i: int, tensors: list[torch.Tensor]) -> bool:
+        """Keep client `i`'s tensors for the next [`clients`] call over the same keys, if the budget allows."""
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if self._cached_bytes + size > self.cache_bytes:
+            return False
+        self._cache[i] = tensors
+        self._cached_bytes += size
+        return True
+
+    def clear_cache(self) -> None:
+        """Drop (and recycle) every kept tensor."""
+        for tensors in self._cache.values():
+            self.release(tensors)
+        self._cache.clear()
+        self._cached_bytes = 0
+
+    def clients(
+        self,
+        indices: Iterable[int],
+        keys: Sequence[str],
+        device: torch.device,
+        expert_rows: bool,
+        dtype: Optional[torch.dtype] = ACCUMULATE_DTYPE,
+    ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """Yield `(i, read(i, keys))` for each client in `indices`; kept tensors ([`keep`]) are served instead."""
+        for i in indices:
+            if i in self._cache:
+                tensors = self._cache.pop(i)
+                self._cached_bytes -= sum(t.numel() * t.element_size() for t in tensors)
+                yield i, tensors
+            else:
+                yield i, self.read(i, keys, device, expert_rows, dtype)
+
+    def check(
+        self, i: int, keys: Sequence[str], tensors: Sequence[torch.Tensor], need_norms: bool
+    ) -> Optional[torch.Tensor]:
+        """First-read bookkeeping of client `i`'s `tensors`: its clipped per-row norms, or `None`.
+
+        Norms are computed when `need_norms` or norm tracking asks for them; a non-finite norm means non-finite values
+        (or a norm that overflows float32, itself a sign of a broken update) and raises [`ContentRejected`].
+        """
+        if not (need_norms or self.track_norms):
+            return None
+        squared = row_sq_norm(tensors[0])
+        for t in tensors[1:]:
+            squared += row_sq_norm(t)
+        total = float(squared.sum())
+        if not math.isfinite(total):  # NaN/Inf propagate into the norms; find which tensor and why
+            for key, t in zip(keys, tensors):
+                if not math.isfinite(float(row_sq_norm(t).sum())):
+                    raise ContentRejected({i: check_tensor_values(key, t) or f"the norm of {key!r} overflows float32"})
+        scale = float(self.clip[i])
+        if self.track_norms:
+            self.squared_norms[i] += total * scale * scale
+        return squared.sqrt() * scale
+
+    def find_problems(self, keys: Sequence[str], indices: Optional[Iterable[int]] = None) -> dict[int, str]:
+        """Re-read `keys` of the given clients (all by default) and return `{index: reason}` for invalid values."""
+        problems = {}
+        for i in range(len(self)) if indices is None else indices:
+            for key in keys:
+                reason = check_tensor_values(key, self.updates[i].deltas[key])
+                if reason is not None:
+                    problems[i] = reason
+                    break
+        return problems
+
+    def norms(self) -> list[float]:
+        """The tracked L2 norm of every client's update (clipped), over everything read so far."""
+        return [math.sqrt(v) for v in self.squared_norms.tolist()]
+
+
+@dataclass
+class WeightedSum:
+    """The result of [`weighted_pass`] over one group (or one shared tensor).
+
+    The sums are not normalised: the weighted mean is `sums * inverse_total()` per row, which callers fold into the
+    one operation that writes the new global tensor (no separate pass to divide).
+
+    Args:
+        sums (`list[torch.Tensor]`): per key, the `(R, D)` float32 `sum_i score[i] clip[i] Delta_i`.
+        scores (`torch.Tensor` of shape `(K, R)`): the unnormalised per-row scores used, float64.
+        norms (`torch.Tensor` of shape `(K, R)`, *optional*): per-row norms of the clipped updates, when computed.
+    """
+
+    sums: list[torch.Tensor]
+    scores: torch.Tensor
+    norms: Optional[torch.Tensor]
+
+    def inverse_total(self) -> torch.Tensor:
+        """`(R,)` float64 `1 / sum_i score[i]`, and 0 for rows nobody contributed to (their sums are exactly 0)."""
+        total = self.scores.sum(dim=0)
+        return torch.where(total > 0, 1.0 / torch.where(total > 0, total, 1.0), 0.0)
+
+
+ScoreFn = Callable[[int, Optional[torch.Tensor]], torch.Tensor]
+
+
+def weighted_pass(
+    stream: UpdateStream,
+    keys: Sequence[str],
+    shapes: Sequence[torch.Size],
+    *,
+    expert_rows: bool,
+    score_fn: ScoreFn,
+    need_norms: bool,
+    keep: bool = False,
+    device: torch.device = _CPU,
+) -> WeightedSum:
+    """One streaming read of every client's `keys`: the score-weighted sum of their updates, row by row.
+
+    Args:
+        stream ([`UpdateStream`]): the updates.
+        keys (`Sequence[str]`): the tensors of one expert group (or a single shared tensor).
+        shapes (`Sequence[torch.Size]`): their shapes (the global state's).
+        expert_rows (`bool`): one score per expert (dimension 0) if `True`, one per tensor if `False`.
+        score_fn (`Callable`): `score_fn(i, norms_i)` -> `(R,)` (or a 0-d tensor: one for every row) non-negative
+            scores of client `i`, given its per-row clipped norms (`None` when `need_norms` is `False`).
+        need_norms (`bool`): compute per-row norms (importance needs them; they also check values).
+        keep (`bool`): a second read of the same keys follows ([`dot_pass`]): keep clients' float32 copies within
+            the stream's cache budget so it need not read and convert them again.
+        device (`torch.device`): where to accumulate.
+    """
+    k = len(stream)
+    stream.clear_cache()
+    num_rows = rows_shape(shapes[0], expert_rows)[0]
+    sums: list[Optional[torch.Tensor]] = [None] * len(keys)
+    scores = torch.zeros(k, num_rows, dtype=torch.float64)
+    norms = torch.zeros(k, num_rows, dtype=torch.float64) if need_norms else None
+    # Tensors used more than once are converted to float32 once; a tensor only summed is summed as stored (bf16
+    # updates: the kernel upcasts on the fly, without a float32 copy).
+    reused = keep or need_norms or stream.track_norms
+    unchecked: list[int] = []
+    for i, tensors in stream.clients(range(k), keys, device, expert_rows, ACCUMULATE_DTYPE if reused else None):
+        kept = keep and stream.keep(i, tensors)
+        row_norms = stream.check(i, keys, tensors, need_norms)
+        if norms is not None:
+            norms[i] = row_norms
+        score = score_fn(i, row_norms).double()
+        scores[i] = score
+        if score.dim() == 0:  # one weight for the whole client (data size): a scalar multiply-add
+            coefficient = float(score) * float(stream.clip[i])
+            nonzero = all_nonzero = coefficient != 0
+        else:
+            coefficient = (score * stream.clip[i]).to(device=device, dtype=ACCUMULATE_DTYPE).unsqueeze(1)
+            values = score.tolist()  # E numbers: Python is cheaper than two more tensor reductions
+            nonzero, all_nonzero = any(values), all(values)
+        if row_norms is None and not all_nonzero:
+            unchecked.append(i)  # a zero weight hides NaNs from the accumulator check below
+        if nonzero:
+            for j, t in enumerate(tensors):
+                if sums[j] is None:  # the first contribution allocates the sum (float32 even for bf16 updates)
+                    sums[j] = t.to(ACCUMULATE_DTYPE) * coefficient
+                elif isinstance(coefficient, float):
+                    sums[j].add_(t, alpha=coefficient)
+                else:
+                    sums[j].addcmul_(t, coefficient)
+        if not kept:
+            stream.release(tensors)
+    out = [
+        s if s is not None else torch.zeros(rows_shape(shape, expert_rows), dtype=ACCUMULATE_DTYPE, device=device)
+        for s, shape in zip(sums, shapes)
+    ]
+    if norms is None:
+        # A sum is finite iff its total is (NaN and Inf propagate); a total that overflows is confirmed elementwise.
+        bad = [j for j, s in enumerate(out) if not math.isfinite(float(s.sum())) and not bool(torch.isfinite(s).all())]
+        problems = stream.find_problems([keys[j] for j in bad]) if bad else {}
+        problems.update(stream.find_problems(keys, [i for i in unchecked if i not in problems]))
+        if problems:
+            raise ContentRejected(problems)
+        if bad:
+            raise ValueError(f"The weighted sum of {[keys[j] for j in bad]} overflowed float32 with finite inputs.")
+    return WeightedSum(sums=out, scores=scores, norms=norms)
+
+
+def dot_pass(
+    stream: UpdateStream,
+    keys: Sequence[str],
+    indices: Sequence[int],
+    vectors: Sequence[Sequence[torch.Tensor]],
+    *,
+    expert_rows: bool,
+    device: torch.device = _CPU,
+) -> torch.Tensor:
+    """A second streaming read: `(K, V, R)` float64 dot products of clients' (clipped) updates with `V` vectors.
+
+    Args:
+        stream ([`UpdateStream`]): the updates.
+        keys (`Sequence[str]`): the tensors of one expert group.
+        indices (`Sequence[int]`): the clients to read; the others' rows stay 0.
+        vectors (`Sequence[Sequence[torch.Tensor]]`): `V` vectors, each a list of float32 2-D tensors paired with
+            `keys` (e.g. the consensus `g` and the previous global `Theta`).
+        expert_rows (`bool`): per-expert rows if `True`.
+        device (`torch.device`): where the vectors live.
+    """
+    out = torch.zeros(len(stream), len(vectors), vectors[0][0].shape[0], dtype=torch.float64)
+    for i, tensors in stream.clients(indices, keys, device, expert_rows):
+        for v, vector in enumerate(vectors):
+            out[i, v] = sum(row_dot(t, b) for t, b in zip(tensors, vector, strict=True)) * stream.clip[i]
+        stream.release(tensors)
+    stream.clear_cache()  # clients not read this time (no weight) may still hold kept tensors
+    return out

@@ -1,0 +1,263 @@
+"""Validation of client updates before they are merged.
+
+An update from a client is untrusted input: it must carry exactly the global adapter's tensors, with the same shapes, a
+floating dtype, finite values and a norm within a configured bound; its activation statistics must name known expert
+groups with one non-negative count per expert. A bad update is *rejected* (logged and reported with a reason), never
+merged, and never repaired in place: nothing here mutates its inputs.
+
+Structural checks ([`check_update_structure`]) read only metadata (shapes and dtypes come from the safetensors header
+when the deltas are a [`~fcmoe_hf.federated.LazySafetensors`]). Value checks need the data; the aggregators run them
+while streaming the merge (the first read of every tensor), so a valid round reads each client's tensors no more often
+than the merge itself does. [`validate_update`] runs every check at once, for callers that want a verdict up front.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .updates import ClientUpdate, describe_tensor, group_keys
+
+logger = logging.getLogger(__name__)
+
+#: How many offending keys a rejection reason lists before summarising the rest.
+_MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class RejectedUpdate:
+    """An update left out of a merge, and why.
+
+    Args:
+        client_id (`str`): the client that sent it.
+        reason (`str`): a human-readable reason naming the offending field, key or value.
+    """
+
+    client_id: str
+    reason: str
+
+
+def _listed(keys: Sequence[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED])
+    more = len(keys) - _MAX_LISTED
+    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
+def global_expert_sizes(global_state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """`{group: E}`: the number of experts of every expert group of the global state (its tensors' dimension 0).
+
+    Raises:
+        `ValueError`: if the tensors of one group disagree on the number of experts (a malformed global state).
+    """
+    sizes: dict[str, int] = {}
+    for group, keys in group_keys(global_state.keys())[0].items():
+        dims = {key: describe_tensor(global_state, key)[0] for key in keys}
+        counts = {shape[0] if len(shape) else 0 for shape in dims.values()}
+        if len(counts) != 1 or 0 in counts:
+            raise ValueError(
+                f"Global state: the tensors of expert group {group!r} must share a non-zero dimension 0 (the expert "
+                f"index); got shapes { {k: tuple(v) for k, v in dims.items()} }."
+            )
+        sizes[group] = counts.pop()
+    return sizes
+
+
+def _check_statistics(name: str, stats: Mapping[str, torch.Tensor], sizes: Mapping[str, int]) -> Optional[str]:
+    unknown = [group for group in stats if group not in sizes]
+    if unknown:
+        return f"{name} names unknown expert groups {_listed(unknown)}"
+    for group, values in stats.items():
+        if not isinstance(values, torch.Tensor):
+            return f"{name}[{group!r}] is a {type(values).__name__}, expected a tensor"
+        if tuple(values.shape) != (sizes[group],):
+            return f"{name}[{group!r}] has shape {tuple(values.shape)}, expected ({sizes[group]},) (one per expert)"
+        if values.dtype == torch.bool or values.is_complex():
+            return f"{name}[{group!r}] has dtype {values.dtype}, expected a real number type"
+        values = values.double()
+        if not bool(torch.isfinite(values).all()):
+            return f"{name}[{group!r}] has non-finite values"
+        if bool((values < 0).any()):
+            return f"{name}[{group!r}] has negative values"
+    return None
+
+
+def check_update_structure(
+    update: ClientUpdate,
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    expert_sizes: Optional[Mapping[str, int]] = None,
+) -> Optional[str]:
+    """Check an update's metadata against the global state; reads no tensor data.
+
+    Checks `num_samples` (a positive integer), the key set (missing and unexpected keys are both reported), every
+    tensor's shape and floating dtype, and `activation_counts` / `mean_gate` (known groups, shape `(E,)`, finite,
+    non-negative).
+
+    Args:
+        update ([`ClientUpdate`]): the update to check.
+        global_state (`Mapping[str, torch.Tensor]`): the global state the update must match (may be lazy).
+        expert_sizes (`Mapping[str, int]`, *optional*): `{group: E}` of the global state, when already computed
+            by [`global_expert_sizes`].
+
+    Returns:
+        `Optional[str]`: `None` if the update is well formed, else the reason it is not.
+    """
+    n = update.num_samples
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        return f"num_samples must be a positive integer, got {n!r}"
+    keys = set(update.deltas.keys())
+    missing = [k for k in global_state.keys() if k not in keys]
+    extra = [k for k in update.deltas.keys() if k not in global_state]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_listed(missing)}")
+        if extra:
+            parts.append(f"unexpected keys {_listed(extra)}")
+        return "; ".join(parts)
+    for key in global_state.keys():
+        expected, _ = describe_tensor(global_state, key)
+        shape, dtype = describe_tensor(update.deltas, key)
+        if tuple(shape) != tuple(expected):
+            return f"shape mismatch for {key!r}: expected {tuple(expected)}, got {tuple(shape)}"
+        if dtype is None or not dtype.is_floating_point:
+            return f"non-floating dtype {dtype} for {key!r}"
+    sizes = global_expert_sizes(global_state) if expert_sizes is None else expert_sizes
+    return _check_statistics("activation_counts", update.activation_counts, sizes) or _check_statistics(
+        "mean_gate", update.mean_gate, sizes
+    )
+
+
+def check_tensor_values(key: str, tensor: torch.Tensor) -> Optional[str]:
+    """`None` if `tensor` is floating and finite everywhere, else the reason naming `key`."""
+    if not tensor.is_floating_point():
+        return f"non-floating dtype {tensor.dtype} for {key!r}"
+    if not bool(torch.isfinite(tensor).all()):
+        return f"non-finite values (NaN or Inf) in {key!r}"
+    return None
+
+
+def check_update_norm(norm: float, max_update_norm: Optional[float]) -> Optional[str]:
+    """`None` if the update's L2 norm is finite and within `max_update_norm` (`None`: no bound), else the reason."""
+    if not math.isfinite(norm):
+        return f"update norm is not finite ({norm})"
+    if max_update_norm is not None and norm > max_update_norm:
+        return f"update norm {norm:.4g} exceeds max_update_norm {max_update_norm:.4g}"
+    return None
+
+
+def clip_factor(norm: float, clip_update_norm: Optional[float]) -> float:
+    """The factor `min(1, clip / norm)` that scales an update of L2 norm `norm` to at most `clip_update_norm`."""
+    if clip_update_norm is None or norm <= clip_update_norm or norm == 0:
+        return 1.0
+    return clip_update_norm / norm
+
+
+def measure_update(update: ClientUpdate) -> tuple[float, Optional[str]]:
+    """`(L2 norm of the whole update, None)`, or `(nan, reason)` if a tensor is not floating or not finite.
+
+    Reads every tensor once (streaming: one tensor in memory at a time).
+    """
+    squared = 0.0
+    for key in update.deltas.keys():
+        tensor = update.deltas[key]
+        reason = check_tensor_values(key, tensor)
+        if reason is not None:
+            return math.nan, reason
+        squared += float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
+    return math.sqrt(squared), None
+
+
+def update_norm(update: ClientUpdate) -> float:
+    """The L2 norm of the whole update over all its tensors.
+
+    Raises:
+        `ValueError`: naming the client and the key, if a tensor is not floating or has non-finite values.
+    """
+    norm, reason = measure_update(update)
+    if reason is not None:
+        raise ValueError(f"Client {update.client_id!r}: {reason}")
+    return norm
+
+
+def validate_update(
+    update: ClientUpdate,
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    max_update_norm: Optional[float] = None,
+    check_values: bool = True,
+) -> Optional[str]:
+    """Run every check on one update: structure, then (with `check_values`) finite values and the norm bound.
+
+    Args:
+        update ([`ClientUpdate`]): the update to check; not modified.
+        global_state (`Mapping[str, torch.Tensor]`): the global state it must match.
+        max_update_norm (`float`, *optional*): bound on the update's L2 norm over all tensors; `None` for no bound.
+        check_values (`bool`): also read the tensors (finite values, norm). `False` checks metadata only.
+
+    Returns:
+        `Optional[str]`: `None` if the update is valid, else the reason it is not.
+    """
+    reason = check_update_structure(update, global_state)
+    if reason is not None or not check_values:
+        return reason
+    return _value_problem(update, max_update_norm)
+
+
+def _value_problem(update: ClientUpdate, max_update_norm: Optional[float]) -> Optional[str]:
+    norm, reason = measure_update(update)
+    return reason if reason is not None else check_update_norm(norm, max_update_norm)
+
+
+def reject(client_id: str, reason: str) -> RejectedUpdate:
+    """Log a rejected update (python `logging`, WARNING) and return its [`RejectedUpdate`] record."""
+    logger.warning("Rejected the update of client %r: %s", client_id, reason)
+    return RejectedUpdate(client_id=client_id, reason=reason)
+
+
+def validate_updates(
+    updates: Sequence[ClientUpdate],
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    max_update_norm: Optional[float] = None,
+    check_values: bool = True,
+) -> tuple[list[ClientUpdate], list[RejectedUpdate]]:
+    """Split `updates` into the valid ones and the rejected ones (each logged with its reason), order preserved.
+
+    A second update with the same `client_id` is rejected as a duplicate. See [`validate_update`] for the checks.
+    """
+    sizes = global_expert_sizes(global_state)
+    valid: list[ClientUpdate] = []
+    rejected: list[RejectedUpdate] = []
+    seen: set[str] = set()
+    for update in updates:
+        if not isinstance(update, ClientUpdate):
+            raise TypeError(f"Expected ClientUpdate objects, got {type(update).__name__}.")
+        if update.client_id in seen:
+            rejected.append(reject(update.client_id, "duplicate client_id in this round"))
+            continue
+        seen.add(update.client_id)
+        reason = check_update_structure(update, global_state, expert_sizes=sizes)
+        if reason is None and check_values:
+            reason = _value_problem(update, max_update_norm)
+        if reason is None:
+            valid.append(update)
+        else:
+            rejected.append(reject(update.client_id, reason))
+    return valid, rejected
+
+
+def require_min_clients(num_valid: int, rejected: Sequence[RejectedUpdate], min_clients: int) -> None:
+    """Raise a `ValueError` listing the rejections when fewer than `min_clients` valid updates remain."""
+    if num_valid >= max(min_clients, 1):
+        return
+    details = "; ".join(f"{r.client_id}: {r.reason}" for r in rejected) or "no updates were given"
+    raise ValueError(
+        f"Only {num_valid} valid client update(s) remain, fewer than min_clients={min_clients}; the global state is "
+        f"left unchanged. Rejected: {details}"
+    )
