@@ -423,7 +423,7 @@ class FederatedSimulation:
         common = self._card_fields(peft_config)
         global_metrics = {k: v for k, v in final.items() if k.startswith(("global_", "local_")) and isinstance(v, float)}
         card = render_model_card("global", base_model, global_metrics, model_name=f"{self.run_dir.name} global adapter",
-                                 repo_id=f"<user>/{self.run_dir.name}-global", **common)
+                                 repo_id=str(self.run_dir / "global_adapter"), **common)
         outputs["global_adapter"] = save_adapter(self.run_dir / "global_adapter", global_state, peft_config, card)
         if self.args.save_client_adapters:
             for index, client_id in enumerate(self.client_ids):
@@ -432,8 +432,8 @@ class FederatedSimulation:
                 }
                 card = render_model_card(
                     "client", base_model, client_metrics, model_name=f"{self.run_dir.name} {client_id} adapter",
-                    client_id=client_id, repo_id=f"<user>/{self.run_dir.name}-{client_id}",
-                    global_repo_id=f"<user>/{self.run_dir.name}-global",
+                    client_id=client_id, repo_id=str(self.run_dir / "clients" / client_id / "adapter"),
+                    global_repo_id=str(self.run_dir / "global_adapter"),
                     num_train_samples=self.splits.clients[index]["train"].num_rows,
                     num_test_samples=self.splits.clients[index]["test"].num_rows,
                     retention_lambda=self.retention_lambda, **common,
