@@ -1,10 +1,13 @@
+import gc
 import os
+import weakref
 
 import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+import fcmoe_hf.tuners.moe_lora.layer as moe_layer_module
 from fcmoe_hf import MoELoraConfig
 from fcmoe_hf.tuners.moe_lora import MOE_LORA_PEFT_TYPE, load_balancing_loss, route, router_z_loss
 
@@ -82,6 +85,54 @@ def test_moe_layer_matches_per_token_reference():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
+def single_layer_model(**config):
+    torch.manual_seed(0)
+    kwargs = dict(r=3, num_experts=4, top_k=2, target_modules=["0"], init_lora_weights=False, lora_alpha=6)
+    kwargs.update(config)
+    return get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 12)), MoELoraConfig(**kwargs))
+
+
+def test_fused_router_gemm_matches_unfused_path(monkeypatch):
+    """One GEMM for router logits + down-projections, scaling on the gates and addmm are an optimisation only."""
+    routed = []
+    monkeypatch.setattr(moe_layer_module, "route", lambda *a, **k: routed.append(1) or route(*a, **k))
+    model = single_layer_model().train()
+    layer = model.base_model.model[0]
+    params = {"A": layer.moe_lora_A["default"], "B": layer.moe_lora_B["default"], "router": layer.moe_lora_router["default"]}
+    x = torch.randn(3, 5, 16)
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(layer, "_can_fuse_router", lambda adapter_name: False)
+        model.zero_grad()
+        inp = x.clone().requires_grad_(True)
+        out = layer(inp)
+        aux, z = model.router_losses()
+        (out.square().sum() + aux + z).backward()
+        assert len(routed) == (0 if fused else 1)  # the fp32, no-dropout, no-jitter case takes the fused path
+        grads = {name: p.grad.clone() for name, p in params.items()}
+        runs.append((out.detach(), aux.detach(), z.detach(), inp.grad, grads))
+    (out_f, aux_f, z_f, dx_f, grads_f), (out_u, aux_u, z_u, dx_u, grads_u) = runs
+    torch.testing.assert_close(out_f, out_u, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux_f, aux_u, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z_f, z_u, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_f, dx_u, rtol=1e-5, atol=1e-5)
+    for name in params:
+        assert grads_f[name].abs().sum() > 0
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-5, atol=1e-5, msg=name)
+    # the public per-adapter delta is the same contribution, without the base output
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.base_layer(x) + layer.moe_lora_delta(x, "default"), out_f, rtol=1e-5, atol=1e-5)
+
+    # dropout and jitter perturb only one of the router / expert inputs: they must keep the separate GEMMs
+    for config in ({"lora_dropout": 0.1}, {"router_jitter_noise": 0.1}):
+        routed.clear()
+        monkeypatch.setattr(moe_layer_module, "route", lambda *a, **k: routed.append(1) or route(*a, **k))
+        single_layer_model(**config).train()(x)
+        assert routed == [1], config
+
+
 def test_router_gates_and_losses():
     torch.manual_seed(0)
     hidden, weight = torch.randn(10, 8), torch.randn(4, 8)
@@ -133,6 +184,77 @@ def test_routing_statistics_count_real_tokens_and_reset(tiny_llama, batch):
     model.set_routing_statistics_tracking(False)
     logits(model, batch)
     assert model.routing_statistics() == {}
+
+
+def test_unread_router_losses_are_not_held(tiny_llama, batch):
+    """A loop that never calls router_losses() (a plain Trainer) must not keep their autograd graphs alive."""
+    model = get_peft_model(tiny_llama, MoELoraConfig(r=4, num_experts=4, top_k=2, init_lora_weights=False)).train()
+    layers = list(model.base_model.moe_layers().values())
+
+    def step():
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+
+    # collected by default; a no-grad forward before reading them keeps them (TRL's SFTTrainer runs one)...
+    step()
+    assert all(set(layer.router_losses) == {"default"} for layer in layers)
+    unread = weakref.ref(layers[0].router_losses["default"][0])
+    with torch.no_grad():
+        model(**batch)
+    assert unread() is not None
+    # ...the next training forward drops them, even one that records none itself
+    with model.disable_adapter():
+        model(**batch)
+    gc.collect()
+    assert unread() is None
+    assert not any(layer.router_losses for layer in layers)
+
+    # off: nothing is computed nor held, from the moment it is turned off
+    model.set_router_loss_collection(False)
+    assert not any(layer.router_losses for layer in layers)
+    step()
+    assert not any(layer.router_losses for layer in layers)
+    assert model.router_losses() is None
+
+    model.set_router_loss_collection(True)
+    model(**batch, labels=batch["input_ids"])
+    aux, z = model.router_losses()
+    assert aux.requires_grad and torch.isfinite(aux) and torch.isfinite(z)
+    assert not any(layer.router_losses for layer in layers)  # read losses are released too
+
+
+def test_mixed_adapter_batch_matches_per_adapter_outputs():
+    """peft's `adapter_names=[...]`: each row gets its own adapter ("__base__": none), routed on its own tokens."""
+    model = get_peft_model(build_model(tiny_llama_config()), MoELoraConfig(r=4, num_experts=4, init_lora_weights=False))
+    torch.manual_seed(1)
+    model.add_adapter("other", MoELoraConfig(r=4, num_experts=4, init_lora_weights=False))
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    inputs = {"input_ids": torch.randint(3, VOCAB, (4, 6), generator=g)}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][3, :2] = 0  # left padding on a row of "other"
+    names = ["other", "__base__", "default", "other"]
+
+    model.reset_routing_statistics()
+    mixed = logits(model, {**inputs, "adapter_names": names})
+    # statistics accumulate in place: read the token counts before the reference forwards below
+    tokens = {name: [int(s.num_tokens) for s in model.routing_statistics(name).values()] for name in ("default", "other")}
+    with model.disable_adapter():
+        expected = {"__base__": logits(model, inputs)}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        expected[name] = logits(model, inputs)
+    assert not torch.allclose(expected["default"], expected["other"], atol=1e-3)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], expected[name][row], rtol=1e-5, atol=1e-5, msg=f"row {row} ({name})")
+    # each adapter's statistics count the real tokens of its own rows only
+    mask = inputs["attention_mask"]
+    for name, rows in (("default", [2]), ("other", [0, 3])):
+        assert tokens[name] == [int(mask[rows].sum())] * (2 * len(DENSE_TARGETS))
+
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        model(**inputs, adapter_names=["default", "typo", "default", "default"])
+    with pytest.raises(ValueError, match="training mode"):
+        model.train()(**inputs, adapter_names=names)
 
 
 def test_save_load_roundtrip_and_multiple_adapters(tmp_path, batch):

@@ -65,6 +65,7 @@ def test_arguments_parse_with_hf_argument_parser(tmp_path):
 def test_aux_loss_reaches_router_gradient(tmp_path, coef, expect_change):
     # B = 0 at init: the task loss does not depend on the router yet, so only the aux / z losses can move it.
     model = moe_model()
+    model.set_router_loss_collection(False)  # FederatedMoETrainer turns it back on: it reads them every step
     before = router_weight(model).detach().clone()
     trainer = FederatedMoETrainer(
         model=model, args=args(tmp_path, max_steps=1, moe_lora_aux_loss_coef=coef, moe_lora_z_loss_coef=0.0),

@@ -31,7 +31,9 @@ class FederatedMoEMixin:
       moe_lora_z_loss_coef * z`, by default the `MoELoraConfig`'s `router_aux_loss_coef` / `router_z_loss_coef`),
       scaled like the task loss under gradient accumulation and `num_items_in_batch`, and
       the optional FedProx term `proximal_mu / 2 * ||theta - theta_round_start||^2`; logs `task_loss`, `aux_loss`,
-      `z_loss` and expert usage alongside the usual `loss`.
+      `z_loss` and expert usage alongside the usual `loss`. Router-loss collection
+      ([`MoELoraModel.set_router_loss_collection`]) is turned on when the trainer is created and when `train()`
+      starts, since the trainer reads them at every training step.
     - [`start_round`] sets the round's starting point: the new global state plus the retained residual of the
       client's previous update (FC-MoE local knowledge retention).
     - [`client_update`] returns what the client sends: per-tensor deltas from the round's start, expert activation
@@ -54,6 +56,7 @@ class FederatedMoEMixin:
         self._previous_global: Optional[dict[str, torch.Tensor]] = None
         self._user_optimizer = self.optimizer is not None
         self._reset_round_accumulators()
+        self._collect_router_losses()
 
     # -- settings ---------------------------------------------------------------------------------------------------
 
@@ -76,6 +79,13 @@ class FederatedMoEMixin:
         aux = aux if aux is not None else (config.router_aux_loss_coef if config is not None else 0.0)
         z = z if z is not None else (config.router_z_loss_coef if config is not None else 0.0)
         return aux, z
+
+    def _collect_router_losses(self) -> None:
+        # compute_loss reads the router losses after every training forward: they must be recorded, whatever the
+        # user set on the model for other loops.
+        moe = self.moe_model
+        if moe is not None:
+            moe.set_router_loss_collection(True)
 
     # -- round lifecycle --------------------------------------------------------------------------------------------
 
@@ -152,6 +162,7 @@ class FederatedMoEMixin:
             self._snapshot_round_start()
             self._reset_round_accumulators()
         self._round_start_pending = False
+        self._collect_router_losses()
         started = time.perf_counter()
         output = super().train(*args, **kwargs)
         self._last_train_output = output

@@ -1,7 +1,7 @@
 from .config import MOE_LORA_PEFT_TYPE, TRANSFORMERS_MODELS_TO_MOE_LORA_TARGET_MODULES_MAPPING, MoELoraConfig
 from .layer import Linear, MoELoraLayer, RoutingContext, RoutingStatistics
 from .model import MoELoraModel
-from .router import RouterOutput, dispatch_statistics, load_balancing_loss, route, router_z_loss
+from .router import RouterOutput, dispatch_statistics, load_balancing_loss, route, route_logits, router_z_loss
 
 __all__ = [
     "MOE_LORA_PEFT_TYPE",
@@ -16,5 +16,6 @@ __all__ = [
     "dispatch_statistics",
     "load_balancing_loss",
     "route",
+    "route_logits",
     "router_z_loss",
 ]

@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import MoELoraConfig
-from .router import dispatch_statistics, load_balancing_loss, route, router_z_loss
+from .router import dispatch_statistics, load_balancing_loss, route, route_logits, router_z_loss
 
 
 def _in_backward_pass() -> bool:
@@ -31,10 +31,21 @@ class RoutingContext:
         attention_mask (`torch.Tensor`, *optional*): the `(batch, seq)` attention mask of the current forward; padding
             tokens are kept out of the routing statistics and of the router losses.
         track_statistics (`bool`): accumulate routing statistics (activation counts, gate probabilities).
+        collect_router_losses (`bool`): compute the router losses in training forwards and keep them for
+            [`MoELoraModel.router_losses`]. On by default, so custom loops that call `router_losses()` work as they
+            are; losses nobody read are dropped when the next training forward starts, so at most one forward's
+            worth (and the part of its autograd graph only they use) is ever held. Turn it off (through
+            [`MoELoraModel.set_router_loss_collection`]) when nothing adds them to the loss, e.g. a plain
+            `transformers.Trainer`: the losses are then not even computed. Change it between steps, not between a
+            forward and its backward: with gradient checkpointing, the recomputed forward must compute the same ops.
+        has_unread_router_losses (`bool`): some layer holds losses that `router_losses()` has not read yet; lets the
+            model skip the walk over its layers before a forward when there is nothing to drop.
     """
 
     attention_mask: Optional[torch.Tensor] = None
     track_statistics: bool = True
+    collect_router_losses: bool = True
+    has_unread_router_losses: bool = False
 
 
 @dataclass
@@ -137,6 +148,7 @@ class MoELoraLayer(BaseTunerLayer):
         self.routing_statistics.clear()
 
     def _token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """`(N,)` mask of the tokens of `x` (`(batch, seq, in)`) that are not padding, or `None` if unknown."""
         mask = self.routing_context.attention_mask
         if mask is None or x.dim() != 3 or mask.dim() != 2 or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
             return None
@@ -145,7 +157,8 @@ class MoELoraLayer(BaseTunerLayer):
 
     def _record(self, adapter_name: str, routing, token_mask: Optional[torch.Tensor]) -> None:
         recomputing = _in_backward_pass()
-        if self.training and torch.is_grad_enabled():
+        context = self.routing_context
+        if context.collect_router_losses and self.training and torch.is_grad_enabled():
             # Computed in the checkpoint recompute too (it must save the same tensors as the first forward), but only
             # the first forward's losses are kept: those are the ones the trainer adds to the loss.
             losses = (
@@ -154,6 +167,7 @@ class MoELoraLayer(BaseTunerLayer):
             )
             if not recomputing:
                 self.router_losses[adapter_name] = losses
+                context.has_unread_router_losses = True
         if recomputing or not self.routing_context.track_statistics:
             return
         counts, probability_sum, num_tokens = dispatch_statistics(routing.probs, routing.expert_index, token_mask)
@@ -166,25 +180,92 @@ class MoELoraLayer(BaseTunerLayer):
             stats.num_tokens += num_tokens
 
     def moe_lora_delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The adapter's contribution for input `x` (`(..., in_features)`), in the dtype of the adapter weights."""
-        A, B = self.moe_lora_A[adapter_name], self.moe_lora_B[adapter_name]
-        num_experts, r = A.shape[0], A.shape[1]
-        flat = x.reshape(-1, self.in_features)
-        routing = route(
-            flat,
-            self.moe_lora_router[adapter_name],
-            self.top_k[adapter_name],
-            self.renormalize[adapter_name],
-            self.jitter_noise[adapter_name] if self.training else 0.0,
+        """The adapter's contribution for input `x` (`(..., in_features)`), in the dtype of the adapter weights.
+
+        Routes `x` like a forward does: routing statistics and (in training) router losses are recorded.
+        """
+        delta = self._moe_lora(x.reshape(-1, self.in_features), adapter_name, self._token_mask(x))
+        return delta.view(*x.shape[:-1], self.out_features)
+
+    def _can_fuse_router(self, adapter_name: str) -> bool:
+        # The fused GEMM feeds the router and the experts the same input: not possible when dropout or jitter noise
+        # perturbs one of them, and the router must stay in fp32, so the experts must be fp32 too.
+        return (
+            isinstance(self.moe_lora_dropout[adapter_name], nn.Identity)
+            and not (self.training and self.jitter_noise[adapter_name] > 0)
+            and self.moe_lora_A[adapter_name].dtype == self.moe_lora_router[adapter_name].dtype == torch.float32
         )
-        self._record(adapter_name, routing, self._token_mask(x))
-        # All experts' rank-r projections in one matmul ((N, E*r)), gated per token, then one matmul back: a rank-E*r
-        # LoRA whose unselected experts get gate 0 (so exactly zero output and zero gradient), with no per-expert or
-        # per-token Python loop.
-        hidden = F.linear(self.moe_lora_dropout[adapter_name](flat.to(A.dtype)), A.reshape(num_experts * r, -1))
-        hidden = hidden.view(-1, num_experts, r) * routing.gates.to(A.dtype).unsqueeze(-1)
-        out = F.linear(hidden.reshape(-1, num_experts * r), B.permute(1, 0, 2).reshape(self.out_features, -1))
-        return (out * self.scaling[adapter_name]).view(*x.shape[:-1], self.out_features)
+
+    def _moe_lora(
+        self,
+        flat: torch.Tensor,
+        adapter_name: str,
+        token_mask: Optional[torch.Tensor],
+        result: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """`delta(flat)`, or `result + delta(flat)` when `result` is given, as an `(N, out_features)` tensor.
+
+        Args:
+            flat (`torch.Tensor`): `(N, in_features)` input tokens.
+            adapter_name (`str`): the adapter to apply.
+            token_mask (`torch.Tensor`, *optional*): `(N,)`, 1 for real tokens, 0 for padding.
+            result (`torch.Tensor`, *optional*): the base layer's output for `flat`, `N * out_features` elements.
+        """
+        A, B = self.moe_lora_A[adapter_name], self.moe_lora_B[adapter_name]
+        router_weight = self.moe_lora_router[adapter_name]
+        num_experts, r = A.shape[0], A.shape[1]
+        top_k, renormalize = self.top_k[adapter_name], self.renormalize[adapter_name]
+        if self._can_fuse_router(adapter_name):
+            # Router logits and all experts' down-projections from one GEMM: x is read once, and backward gets the
+            # input gradient from one GEMM instead of two GEMMs and an (N, in) add.
+            fused = F.linear(flat.float(), torch.cat([A.reshape(num_experts * r, -1), router_weight]))
+            hidden, logits = fused.split([num_experts * r, num_experts], dim=1)
+            routing = route_logits(logits, top_k, renormalize)
+        else:
+            jitter = self.jitter_noise[adapter_name] if self.training else 0.0
+            routing = route(flat, router_weight, top_k, renormalize, jitter)
+            hidden = F.linear(self.moe_lora_dropout[adapter_name](flat.to(A.dtype)), A.reshape(num_experts * r, -1))
+        self._record(adapter_name, routing, token_mask)
+        # All experts' rank-r projections (N, E*r), gated per token, then one matmul back: a rank-E*r LoRA whose
+        # unselected experts get gate 0 (so exactly zero output and zero gradient), with no per-expert or per-token
+        # Python loop. The LoRA scaling rides on the (N, E) gates, not on the (N, out) output.
+        gates = routing.gates.to(A.dtype) * self.scaling[adapter_name]
+        hidden = (hidden.reshape(-1, num_experts, r) * gates.unsqueeze(-1)).reshape(-1, num_experts * r)
+        B_flat = B.permute(1, 0, 2).reshape(self.out_features, -1)
+        if result is None:
+            return F.linear(hidden, B_flat)
+        result = result.reshape(-1, self.out_features)
+        if result.dtype == hidden.dtype:
+            # The up-projection accumulates into the base output inside the GEMM: no separate (N, out) add.
+            return torch.addmm(result, hidden, B_flat.t())
+        return result + F.linear(hidden, B_flat).to(result.dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """`result` plus, on each row of the batch, the contribution of the adapter `adapter_names` names for it.
+
+        peft's mixed-adapter batch inference: `"__base__"` rows, and rows naming an adapter this layer does not have,
+        keep the base output. Each adapter's routing statistics count its own rows only.
+        """
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {x.shape[0]} respectively."
+            )
+        rows_of: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            rows_of.setdefault(name, []).append(row)
+        token_mask = self._token_mask(x)
+        row_mask = token_mask.view(x.shape[0], -1) if token_mask is not None else None
+        for adapter_name, rows in rows_of.items():
+            if adapter_name == "__base__" or adapter_name not in self.moe_lora_A:
+                continue
+            index = torch.tensor(rows, device=x.device)
+            sub = x.index_select(0, index)
+            sub_mask = row_mask.index_select(0, index).reshape(-1) if row_mask is not None else None
+            delta = self._moe_lora(sub.reshape(-1, self.in_features), adapter_name, sub_mask)
+            # Rows are disjoint across adapters: each output row gets exactly one addition.
+            result = result.index_add(0, index, delta.view(*sub.shape[:-1], self.out_features).to(result.dtype))
+        return result
 
 
 class Linear(nn.Module, MoELoraLayer):
@@ -212,13 +293,23 @@ class Linear(nn.Module, MoELoraLayer):
         warnings.warn("MoE-LoRA layers are never merged; nothing to unmerge.", stacklevel=2)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus the active adapters' contributions.
+
+        `adapter_names` (keyword, one adapter name per batch row, `"__base__"` for none) applies a different adapter
+        to each row instead of the active ones: peft's mixed-adapter batch inference, injected by
+        `MoELoraModel._enable_peft_forward_hooks` when the user calls `peft_model(..., adapter_names=[...])`.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, result, adapter_names)
+        shape, token_mask = result.shape, self._token_mask(x)
         for adapter_name in self.active_adapters:
             if adapter_name in self.moe_lora_A:
-                result = result + self.moe_lora_delta(x, adapter_name).to(result.dtype)
-        return result
+                result = self._moe_lora(x.reshape(-1, self.in_features), adapter_name, token_mask, result)
+        return result.view(shape)
 
     def __repr__(self) -> str:
         return "moe_lora." + super().__repr__()

@@ -44,7 +44,16 @@ def route(
     hidden = hidden.float()
     if jitter_noise > 0:
         hidden = hidden * torch.empty_like(hidden).uniform_(1.0 - jitter_noise, 1.0 + jitter_noise)
-    logits = F.linear(hidden, router_weight.float())
+    return route_logits(F.linear(hidden, router_weight.float()), top_k, renormalize)
+
+
+def route_logits(logits: torch.Tensor, top_k: int, renormalize: bool) -> RouterOutput:
+    """Route `N` tokens to `top_k` experts given their `(N, E)` router logits, computed by the caller.
+
+    The second half of [`route`]: callers that compute the logits themselves (the MoE-LoRA layer gets them from the
+    same GEMM as the experts' down-projections) route with this. Logits are upcast to fp32.
+    """
+    logits = logits.float()
     probs = logits.softmax(dim=-1)
     top_probs, expert_index = probs.topk(top_k, dim=-1)
     if renormalize:
