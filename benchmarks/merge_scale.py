@@ -194,6 +194,9 @@ def main() -> None:
     parser.add_argument("--warm", action="store_true", help="do not evict the page cache before each measurement")
     parser.add_argument("--workdir", default=None, help="parent directory of the temporary data (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the generated data")
+    parser.add_argument(
+        "--data", default=None, help="reuse (or generate once into) this directory instead of a temporary one; kept"
+    )
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="runs per (K, method); the median run is reported")
@@ -218,21 +221,28 @@ def main() -> None:
     adapter_mb = n_params * 4 / 2**20
     update_mb = n_params * (2 if args.update_dtype == "bf16" else 4) / 2**20
     need_gb = (update_mb * ks[-1] + adapter_mb) / 1024
-    root = tempfile.mkdtemp(prefix="merge_scale_", dir=args.workdir)
+    reuse = args.data is not None and os.path.exists(os.path.join(args.data, f"client_{ks[-1] - 1:03d}", "update.json"))
+    if args.data is not None:
+        os.makedirs(args.data, exist_ok=True)
+        args.keep = True
+    root = args.data or tempfile.mkdtemp(prefix="merge_scale_", dir=args.workdir)
     free_gb = shutil.disk_usage(root).free / 2**30
     print(f"adapter: {n_params / 1e6:.1f}M params, {adapter_mb:.0f} MiB fp32; one update {update_mb:.0f} MiB "
           f"({args.update_dtype}); data {need_gb:.1f} GiB in {root} ({free_gb:.0f} GiB free)")
-    if need_gb > free_gb * 0.9:
+    if not reuse and need_gb > free_gb * 0.9:
         shutil.rmtree(root)
         raise SystemExit(f"Not enough disk space for {need_gb:.1f} GiB of updates.")
     results = []
     try:
         t0 = time.perf_counter()
-        # In a subprocess: the parent must stay small, since a child's ru_maxrss starts from the parent's RSS at fork.
-        command = [sys.executable, os.path.abspath(__file__), "--generate", root] + sys.argv[1:]
-        subprocess.run(command, check=True)
-        os.sync()
-        print(f"generated in {time.perf_counter() - t0:.0f} s")
+        if reuse:  # the same shapes and seed are the caller's responsibility
+            print(f"reusing the updates in {root}")
+        else:
+            # In a subprocess: the parent must stay small (a child's ru_maxrss starts from the parent's RSS at fork).
+            command = [sys.executable, os.path.abspath(__file__), "--generate", root] + sys.argv[1:]
+            subprocess.run(command, check=True)
+            os.sync()
+            print(f"generated in {time.perf_counter() - t0:.0f} s")
         for k in ks:
             for method in methods:
                 runs = [measure(method, root, k, cold=not args.warm, threads=args.threads) for _ in range(args.repeat)]

@@ -396,7 +396,7 @@ ALL_CONFIGS = [(name, {}) for name in sorted(AGGREGATORS)] + [
     ("fcmoe", {"projection_mode": "pairwise"}),
     ("fcmoe", {"retention_mode": "filtered"}),
     ("fcmoe", {"clip_update_norm": 1.0}),
-    ("fcmoe", {"second_read_cache_mb": 0}),
+    ("fcmoe", {"merge_buffer_mb": 0}),
 ]
 
 
@@ -451,16 +451,33 @@ def test_result_residuals_flatten_for_checkpoints():
         AggregationResult.residuals_from_tensors({"nogroup": torch.zeros(1)})
 
 
-def test_second_read_cache_changes_nothing_but_reads():
+def test_merge_buffer_size_changes_nothing_but_reads():
+    """Chunked one-read merges agree bit for bit whatever the chunk; the two-read fallback agrees to rounding."""
     theta, updates = random_round(k=6, dtype=torch.bfloat16)
-    reference = FCMoEAggregator(second_read_cache_mb=0).aggregate(theta, updates)
-    group_bytes = sum(theta[k].numel() * 4 for k in theta if k.endswith(("moe_lora_A", "moe_lora_B"))) / 4  # one group
-    for budget_mb in (group_bytes * 2.5 / 2**20, 64):  # some clients kept, all clients kept
-        result = FCMoEAggregator(second_read_cache_mb=budget_mb).aggregate(theta, updates)
-        for key in theta:
-            assert torch.equal(result.global_state[key], reference.global_state[key])
-        for cid in reference.residuals:
-            assert all(torch.equal(result.residuals[cid][g], c) for g, c in reference.residuals[cid].items())
+    # One expert of one client: A (2x6) + B (5x2) = 22 floats; a whole group of one client: 4 experts.
+    expert_bytes = 22 * 4
+    chunked = {
+        experts: FCMoEAggregator(merge_buffer_mb=6 * experts * expert_bytes / 2**20).aggregate(theta, updates)
+        for experts in (1, 3, 4)  # 3: chunks of 3 and 1 expert
+    }
+    two_reads = {
+        cached: FCMoEAggregator(merge_buffer_mb=cached * 4 * expert_bytes / 2**20).aggregate(theta, updates)
+        for cached in (0, 1)  # the fallback (one expert of every client does not fit), keeping 0 or 1 client's group
+    }
+    reference = chunked[4]
+    for key in theta:
+        for result in chunked.values():
+            assert torch.equal(result.global_state[key], reference.global_state[key]), key
+        assert torch.equal(two_reads[1].global_state[key], two_reads[0].global_state[key]), key
+        torch.testing.assert_close(two_reads[0].global_state[key], reference.global_state[key], rtol=1e-6, atol=1e-7)
+    for group, diag in reference.diagnostics.items():
+        assert torch.equal(chunked[1].diagnostics[group].conflict, diag.conflict)
+        torch.testing.assert_close(two_reads[0].diagnostics[group].weights, diag.weights)
+        torch.testing.assert_close(two_reads[0].diagnostics[group].cosine, diag.cosine, equal_nan=True)
+    for cid in reference.residuals:
+        for g, c in reference.residuals[cid].items():
+            assert torch.equal(chunked[1].residuals[cid][g], c)
+            torch.testing.assert_close(two_reads[0].residuals[cid][g], c)
 
 
 def test_update_stream_cache_respects_its_budget():
@@ -495,3 +512,61 @@ def test_update_stream_recycles_only_its_own_buffers():
     (again,) = stream.read(3, [key], cpu, expert_rows=True)
     assert again is converted  # the buffer is reused for the next conversion of the same shape
     torch.testing.assert_close(again, half[1].deltas[key].float().reshape(again.shape))
+
+
+def test_lazy_safetensors_row_reads(tmp_path):
+    import pickle
+
+    from safetensors.torch import save_file
+
+    from fcmoe_hf.federated import LazySafetensors
+
+    tensors = {"a": torch.arange(24, dtype=torch.float32).view(4, 3, 2), "b": torch.arange(6).bfloat16().view(3, 2)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    lazy = LazySafetensors(path)
+    assert torch.equal(lazy["a"], tensors["a"]) and torch.equal(lazy["b"], tensors["b"])
+    assert torch.equal(lazy.read_rows("a", 1, 3), tensors["a"][1:3])
+    buffer = torch.empty(1, 2, dtype=torch.bfloat16)
+    assert lazy.read_rows("b", 2, 3, out=buffer).data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer, tensors["b"][2:3])
+    with pytest.raises(IndexError, match="out of range"):
+        lazy.read_rows("a", 3, 5)
+    with pytest.raises(ValueError, match="out"):
+        lazy.read_rows("a", 0, 1, out=torch.empty(5))
+    copy_ = pickle.loads(pickle.dumps(lazy))  # descriptors do not travel; the copy reopens the file
+    assert copy_._fd is None and torch.equal(copy_.read_rows("a", 0, 1), tensors["a"][:1])
+    lazy.close()
+    save_file({"a": torch.zeros(2)}, str(path))  # replaced on disk after its header was read
+    with pytest.raises(ValueError, match="changed on disk"):
+        lazy["a"]
+
+
+def test_fcmoe_reads_each_saved_update_once(tmp_path, monkeypatch):
+    """The consensus merge reads every byte of every update once (a fixed buffer of expert chunks), not twice."""
+    from safetensors.torch import save_file
+
+    from fcmoe_hf.federated import LazySafetensors
+
+    theta, updates = random_round(k=5, dtype=torch.bfloat16)
+    save_file(theta, str(tmp_path / "adapter_model.safetensors"))
+    loaded = [ClientUpdate.load(u.save(tmp_path / u.client_id)) for u in updates]
+    read = {}
+    original = LazySafetensors._read_into
+
+    def counting(self, offset, view, key):
+        read[self.path] = read.get(self.path, 0) + len(view)
+        return original(self, offset, view, key)
+
+    monkeypatch.setattr(LazySafetensors, "_read_into", counting)
+    # one expert of every client fits, the whole group does not: chunks of 2 and 2 experts
+    expert_bytes = 22 * 4
+    result = FCMoEAggregator(merge_buffer_mb=5 * 2 * expert_bytes / 2**20, use_retention=False).aggregate(
+        LazySafetensors(tmp_path / "adapter_model.safetensors"), loaded
+    )
+    update_bytes = sum(t.numel() * t.element_size() for t in updates[0].deltas.values())
+    for u in loaded:
+        assert read[u.deltas.path] == update_bytes
+    reference = FCMoEAggregator(use_retention=False).aggregate(theta, updates)
+    for key in theta:
+        assert torch.equal(result.global_state[key], reference.global_state[key])

@@ -131,6 +131,11 @@ def test_fused_router_gemm_matches_unfused_path(monkeypatch):
         monkeypatch.setattr(moe_layer_module, "route", lambda *a, **k: routed.append(1) or route(*a, **k))
         single_layer_model(**config).train()(x)
         assert routed == [1], config
+    # so must autocast, which would compute the fused GEMM (router logits included) in bf16
+    routed.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        single_layer_model().train()(x)
+    assert routed == [1]
 
 
 def test_router_gates_and_losses():
@@ -142,6 +147,10 @@ def test_router_gates_and_losses():
     torch.testing.assert_close(out.gates.sum(-1), torch.ones(10))
     switch = route(hidden, weight, top_k=1, renormalize=False)
     torch.testing.assert_close(switch.gates.max(-1).values, switch.probs.max(-1).values)  # raw top-1 probability
+    # mixed-precision training: autocast must not turn the router GEMM into bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_logits = route(hidden, weight, top_k=2, renormalize=True).logits
+    torch.testing.assert_close(autocast_logits, hidden @ weight.T, rtol=1e-6, atol=1e-6)
 
     # perfectly balanced: each expert gets 1/E of the tokens and probability mass -> loss 1
     probs = torch.full((8, 4), 0.25)

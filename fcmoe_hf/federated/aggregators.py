@@ -34,21 +34,31 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-from .consensus import ConsensusDiagnostics, consensus_statistics, pairwise_statistics, row_dots
+from .consensus import (
+    ConsensusDiagnostics,
+    consensus_statistics,
+    pairwise_statistics,
+    row_dots,
+    stacked_consensus,
+)
 from .importance import normalize_scores, stack_statistics
 from .retention import RETENTION_MODES, apply_retention, retention_coefficients
 from .streaming import (
     ACCUMULATE_DTYPE,
+    ChunkArena,
     ContentRejected,
     UpdateStream,
     as_rows,
     dot_pass,
+    experts_per_chunk,
+    read_stacked_rows,
     rows_shape,
     weighted_pass,
 )
-from .updates import ClientUpdate, describe_tensor, group_keys
+from .updates import ClientUpdate, LazySafetensors, describe_tensor, group_keys
 from .validation import (
     RejectedUpdate,
+    check_tensor_values,
     check_update_norm,
     clip_factor,
     global_expert_sizes,
@@ -255,9 +265,11 @@ class FCMoEConfig(AggregatorConfig):
             or `"filtered"` (`Delta - Delta'`, the part the projection removed; needs `use_projection=True` and
             `projection_mode="consensus"`).
         retention_lambda (`float`): `lambda`, the weight of the residual in a client's start point (0.5).
-        second_read_cache_mb (`float`): memory for keeping clients' float32 copies of one expert group between the
-            consensus projection's two reads (64 MiB); the clients beyond it are read again. A fixed budget: the
-            merge's memory stays flat in the number of clients. 0 always re-reads.
+        merge_buffer_mb (`float`): working memory of the consensus merge (64 MiB), a fixed budget whatever the number
+            of clients. The merge reads a chunk of experts of every client into it at once (as float32) and computes
+            the consensus, the dot products and the merged experts from there, so each update is read from disk
+            once. When not even one expert of every client fits, it falls back to two streaming reads of each expert
+            group (the weighted sum, then the dot products) and keeps in this budget what it can between the two.
     """
 
     use_importance: bool = field(default=True, metadata={"help": "Importance-aware weights c = f*||Delta|| (False: data-size weights)."})
@@ -270,18 +282,18 @@ class FCMoEConfig(AggregatorConfig):
         default="projection", metadata={"help": "Residual: Eq. 5 projection or Delta - Delta'.", "choices": list(RETENTION_MODES)}
     )
     retention_lambda: float = field(default=0.5, metadata={"help": "Retention strength lambda."})
-    second_read_cache_mb: float = field(
+    merge_buffer_mb: float = field(
         default=64.0,
         metadata={
-            "help": "Memory (MiB) for keeping clients' float32 copies of one expert group between the merge's two reads "
-            "of it; clients beyond it are read again (from the OS page cache). 0 always re-reads."
+            "help": "Working memory (MiB) of the consensus merge: chunks of experts of every client are merged from it "
+            "with one read of each update. 0 forces the two-read streaming merge."
         },
     )
 
     def __post_init__(self):
         super().__post_init__()
-        if self.second_read_cache_mb < 0:
-            raise ValueError(f"second_read_cache_mb must be >= 0, got {self.second_read_cache_mb}.")
+        if self.merge_buffer_mb < 0:
+            raise ValueError(f"merge_buffer_mb must be >= 0, got {self.merge_buffer_mb}.")
         if self.projection_mode not in ("consensus", "pairwise"):
             raise ValueError(f"projection_mode must be 'consensus' or 'pairwise', got {self.projection_mode!r}.")
         if self.retention_mode not in RETENTION_MODES:
@@ -613,17 +625,28 @@ def _data_size_scores(sizes: torch.Tensor):
     return lambda i, norms: sizes[i]
 
 
-def _apply_step(theta: torch.Tensor, step: torch.Tensor, expert_rows: bool, factor: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _apply_step(
+    theta: torch.Tensor, step: torch.Tensor, expert_rows: bool, factor: Optional[torch.Tensor] = None, owned: bool = False
+) -> torch.Tensor:
     """`Theta + step`, or `Theta + factor[r] * step` per row, in float32, cast back to `Theta`'s dtype.
 
-    One fused pass writes the new tensor: the weighted sums are never normalised in place first.
+    One fused pass writes the new tensor: the weighted sums are never normalised in place first. With `owned` (`theta`
+    is a fresh copy nobody else holds, e.g. read from a [`LazySafetensors`]) a float32 `theta` is updated in place:
+    the same values, without allocating (and page-faulting) a second adapter's worth of memory.
     """
+    in_place = owned and theta.dtype == ACCUMULATE_DTYPE and theta.device == step.device and theta.is_contiguous()
     base = as_rows(theta.to(device=step.device, dtype=ACCUMULATE_DTYPE), expert_rows)
     if factor is None:
-        new = base + step
+        new = base.add_(step) if in_place else base + step
     else:
-        new = torch.addcmul(base, step, factor.to(device=step.device, dtype=ACCUMULATE_DTYPE).unsqueeze(1))
+        factor = factor.to(device=step.device, dtype=ACCUMULATE_DTYPE).unsqueeze(1)
+        new = base.addcmul_(step, factor) if in_place else torch.addcmul(base, step, factor)
     return new.reshape(theta.shape).to(theta.dtype)
+
+
+def _owns_tensors(global_state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether `global_state[key]` returns a fresh tensor on every access (a lazy file), which a merge may reuse."""
+    return isinstance(global_state, LazySafetensors)
 
 
 def _weighted_group(stream, keys, theta, score_fn, need_norms, expert_rows=True, keep=False):
@@ -642,10 +665,11 @@ def _weighted_group(stream, keys, theta, score_fn, need_norms, expert_rows=True,
 def _fedavg_shared(stream: UpdateStream, global_state: Mapping[str, torch.Tensor], keys: Sequence[str], sizes: torch.Tensor) -> dict[str, torch.Tensor]:
     """FedAvg of the non-expert tensors, one tensor at a time."""
     out = {}
+    owned = _owns_tensors(global_state)
     for key in keys:
         theta = global_state[key]
         result = _weighted_group(stream, [key], [theta], _data_size_scores(sizes), need_norms=False, expert_rows=False)
-        out[key] = _apply_step(theta, result.sums[0], False, result.inverse_total())
+        out[key] = _apply_step(theta, result.sums[0], False, result.inverse_total(), owned=owned)
     return out
 
 
@@ -656,6 +680,26 @@ def _fedavg_steps(stream: UpdateStream, global_state: Mapping[str, torch.Tensor]
         theta = global_state[key]
         result = _weighted_group(stream, [key], [theta], _data_size_scores(sizes), need_norms=False, expert_rows=False)
         yield key, theta, (result.sums[0] * result.inverse_total().to(ACCUMULATE_DTYPE).unsqueeze(1)).reshape(theta.shape)
+
+
+def _expert_weighted_mean(stream: UpdateStream, global_state: Mapping[str, torch.Tensor], scores_of, need_norms: bool) -> AggregationResult:
+    """`Theta + sum_i w[i,k] Delta[i,k]` per expert group with `w` the normalised `scores_of(group, num_experts)`
+    (a `ScoreFn`); shared tensors by data size. FedAvg and usage-thresholded averaging differ only in the scores."""
+    groups, shared = group_keys(global_state.keys())
+    new, weights = {}, {}
+    owned = _owns_tensors(global_state)
+    for group, keys in groups.items():
+        theta = [global_state[key] for key in keys]
+        result = _weighted_group(stream, keys, theta, scores_of(group, theta[0].shape[0]), need_norms=need_norms)
+        factor = result.inverse_total()
+        new.update({key: _apply_step(t, s, True, factor, owned) for key, t, s in zip(keys, theta, result.sums)})
+        weights[group] = normalize_scores(result.scores)
+    new.update(_fedavg_shared(stream, global_state, shared, _sample_sizes(stream)))
+    return AggregationResult(
+        global_state={key: new[key] for key in global_state.keys()},
+        client_ids=[u.client_id for u in stream.updates],
+        expert_weights=weights,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- aggregators
@@ -672,21 +716,8 @@ class FedAvgAggregator(Aggregator):
     config_class = FedAvgConfig
 
     def _aggregate(self, global_state, stream):
-        sizes = _sample_sizes(stream)
-        groups, shared = group_keys(global_state.keys())
-        new, weights = {}, {}
-        for group, keys in groups.items():
-            theta = [global_state[key] for key in keys]
-            result = _weighted_group(stream, keys, theta, _data_size_scores(sizes), need_norms=False)
-            factor = result.inverse_total()
-            new.update({key: _apply_step(t, s, True, factor) for key, t, s in zip(keys, theta, result.sums)})
-            weights[group] = normalize_scores(result.scores)
-        new.update(_fedavg_shared(stream, global_state, shared, sizes))
-        return AggregationResult(
-            global_state={key: new[key] for key in global_state.keys()},
-            client_ids=[u.client_id for u in stream.updates],
-            expert_weights=weights,
-        )
+        by_size = _data_size_scores(_sample_sizes(stream))
+        return _expert_weighted_mean(stream, global_state, lambda group, num_experts: by_size, need_norms=False)
 
 
 @register_aggregator("fedprox")
@@ -742,24 +773,13 @@ class FedMoEAggregator(Aggregator):
     def _aggregate(self, global_state, stream):
         cfg = self.config
         sizes = _sample_sizes(stream)
-        groups, shared = group_keys(global_state.keys())
-        new, weights = {}, {}
-        for group, keys in groups.items():
-            theta = [global_state[key] for key in keys]
-            num_experts = theta[0].shape[0]
+
+        def scores_of(group, num_experts):
             tau = cfg.usage_threshold / num_experts if cfg.threshold_relative else cfg.usage_threshold
-            mask = (self._usage(stream.updates, group, num_experts) >= tau).double()
-            scores = sizes.unsqueeze(1) * mask
-            result = _weighted_group(stream, keys, theta, lambda i, norms, scores=scores: scores[i], need_norms=True)
-            factor = result.inverse_total()
-            new.update({key: _apply_step(t, s, True, factor) for key, t, s in zip(keys, theta, result.sums)})
-            weights[group] = normalize_scores(result.scores)
-        new.update(_fedavg_shared(stream, global_state, shared, sizes))
-        return AggregationResult(
-            global_state={key: new[key] for key in global_state.keys()},
-            client_ids=[u.client_id for u in stream.updates],
-            expert_weights=weights,
-        )
+            scores = sizes.unsqueeze(1) * (self._usage(stream.updates, group, num_experts) >= tau).double()
+            return lambda i, norms: scores[i]
+
+        return _expert_weighted_mean(stream, global_state, scores_of, need_norms=True)
 
 
 @register_aggregator("ties")
@@ -960,10 +980,11 @@ class FCMoEAggregator(Aggregator):
 
     Non-expert tensors (routers, norms, ...): FedAvg by data size. The paper does not say how it merges them.
 
-    Streaming: two reads of each expert group (the weighted sum with norms, then the dot products with the
-    consensus, served from a fixed-size cache of the first read where it fits), one of each shared tensor. Eq. 5
-    coefficients are computed when first asked for ([`ResidualCoefficients`]). The pairwise projection mode instead
-    holds one expert group of every client at once (memory K x group).
+    Streaming: a chunk of experts of every client is read into a fixed buffer (`config.merge_buffer_mb`) and merged
+    from there, so each update is read from disk once; when one expert of every client does not fit the buffer,
+    two streaming reads of each group (the weighted sum with norms, then the dot products with the consensus). Shared
+    tensors are read once. Eq. 5 coefficients are computed when first asked for ([`ResidualCoefficients`]). The
+    pairwise projection mode instead holds one expert group of every client at once (memory K x group).
 
     LoRA note: an MoE-LoRA expert's vector is `(A[k], B[k])`; averaging A and B separately is not averaging `B @ A`.
     The paper's experts are full FFN experts, where the question does not arise.
@@ -971,8 +992,14 @@ class FCMoEAggregator(Aggregator):
 
     config_class = FCMoEConfig
 
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        # The merge buffers, reused across the groups of a merge: stacked expert chunks, and the consensus.
+        self._arena: Optional[ChunkArena] = None
+        self._consensus_arena: Optional[ChunkArena] = None
+
     def _cache_bytes(self) -> int:
-        return int(self.config.second_read_cache_mb * 2**20)
+        return int(self.config.merge_buffer_mb * 2**20)
 
     def _aggregate(self, global_state, stream):
         cfg = self.config
@@ -980,19 +1007,21 @@ class FCMoEAggregator(Aggregator):
         groups, shared = group_keys(global_state.keys())
         new: dict[str, torch.Tensor] = {}
         weights, diagnostics, coefficients = {}, {}, {}
+        owned = _owns_tensors(global_state)
         for group, keys in groups.items():
             theta = [global_state[key] for key in keys]
             counts = stack_statistics(stream.updates, group, theta[0].shape[0])
             if cfg.use_projection and cfg.projection_mode == "pairwise":
                 merged, w, diag, coef = self._pairwise_group(stream, keys, theta, counts, sizes)
             else:
-                merged, w, diag, coef = self._consensus_group(stream, keys, theta, counts, sizes)
+                merged, w, diag, coef = self._consensus_group(stream, keys, theta, counts, sizes, owned)
             new.update(zip(keys, merged))
             weights[group] = w
             if diag is not None:
                 diagnostics[group] = diag
             if coef is not None:
                 coefficients[group] = coef
+        self._arena = self._consensus_arena = None  # a server between rounds holds no merge buffers
         new.update(_fedavg_shared(stream, global_state, shared, sizes))
         new_state = {key: new[key] for key in global_state.keys()}
         residuals: Mapping[str, dict[str, torch.Tensor]] = {}
@@ -1016,10 +1045,15 @@ class FCMoEAggregator(Aggregator):
             return lambda i, norms: counts[i] * norms
         return _data_size_scores(sizes)
 
-    def _consensus_group(self, stream, keys, theta, counts, sizes):
+    def _consensus_group(self, stream, keys, theta, counts, sizes, owned=False):
         cfg = self.config
         device = theta[0].device
         filtered = cfg.use_retention and cfg.retention_mode == "filtered"
+        if cfg.use_projection:
+            expert_numel = sum(rows_shape(t.shape, True)[1] for t in theta)
+            chunk = experts_per_chunk(len(stream), expert_numel, self._cache_bytes())
+            if chunk > 0:
+                return self._stacked_consensus_group(stream, keys, theta, counts, sizes, chunk, owned)
         result = _weighted_group(
             stream,
             keys,
@@ -1032,15 +1066,54 @@ class FCMoEAggregator(Aggregator):
         # The consensus g[k] = sum_i w[i,k] Delta[i,k] is sums * inverse: kept unnormalised, scaled in the statistics.
         inverse = result.inverse_total()
         if not cfg.use_projection:
-            return [_apply_step(t, u, True, inverse) for t, u in zip(theta, result.sums)], weights, None, None
+            return [_apply_step(t, u, True, inverse, owned) for t, u in zip(theta, result.sums)], weights, None, None
 
         # Clients with no weight in this group need no dot product, unless the filtered residual needs theirs.
         readers = range(len(stream)) if filtered else [i for i in range(len(stream)) if bool((weights[i] > 0).any())]
         dots = dot_pass(stream, keys, readers, [result.sums], expert_rows=True, device=device)[:, 0] * inverse
         g_sq = row_dots(result.sums, result.sums) * inverse.square()
         a, scale, diag = consensus_statistics(weights, result.norms, dots, g_sq)
-        merged = [_apply_step(t, u, True, scale * inverse) for t, u in zip(theta, result.sums)]
+        merged = [_apply_step(t, u, True, scale * inverse, owned) for t, u in zip(theta, result.sums)]
         # Delta - Delta' = a g = (a / s) (Theta_new - Theta_old): the filtered residual's coefficients, for free.
+        return merged, weights, diag, (a / scale.unsqueeze(0) if filtered else None)
+
+    def _stacked_consensus_group(self, stream, keys, theta, counts, sizes, chunk, owned):
+        """The consensus merge of one group with one read of each update: `chunk` experts of every client at a time."""
+        cfg = self.config
+        device = theta[0].device
+        k, num_experts = len(stream), theta[0].shape[0]
+        dims = [rows_shape(t.shape, True)[1] for t in theta]
+        clip = stream.clip.unsqueeze(1)
+        norms = torch.zeros(k, num_experts, dtype=torch.float64)
+        weights = torch.zeros(k, num_experts, dtype=torch.float64)
+        dots = torch.zeros(k, num_experts, dtype=torch.float64)
+        g_sq = torch.zeros(num_experts, dtype=torch.float64)
+        if self._arena is None or self._arena.device != device:
+            self._arena = ChunkArena(device)
+            self._consensus_arena = ChunkArena(device)
+        consensus = self._consensus_arena.views([(num_experts, d) for d in dims])
+        for start in range(0, num_experts, chunk):
+            stop = min(start + chunk, num_experts)
+            part = slice(start, stop)
+            stacked = self._arena.views([(k, stop - start, d) for d in dims])
+            sq = read_stacked_rows(stream, keys, start, stop, stacked)
+            bad = [i for i, total in enumerate(sq.sum(dim=1).tolist()) if not math.isfinite(total)]
+            if bad:  # NaN/Inf propagate into the norms: name the tensor
+                raise ContentRejected(
+                    {i: next((r for key, x in zip(keys, stacked) if (r := check_tensor_values(key, x[i]))), None)
+                     or f"the norm of group {keys[0].rsplit('.', 1)[0]!r} overflows float32" for i in bad}
+                )
+            if stream.track_norms:
+                stream.squared_norms += sq.sum(dim=1) * stream.clip.square()
+            norms[:, part] = sq.sqrt() * clip
+            scores = counts[:, part] * norms[:, part] if cfg.use_importance else sizes.unsqueeze(1).expand(k, stop - start)
+            weights[:, part] = normalize_scores(scores)
+            # Clipping scales client i's update: fold it into the weights and the dot products, not into the data.
+            _, chunk_dots, g_sq[part] = stacked_consensus(stacked, weights[:, part] * clip, out=[g[part] for g in consensus])
+            dots[:, part] = chunk_dots * clip
+        a, scale, diag = consensus_statistics(weights, norms, dots, g_sq)
+        merged = [_apply_step(t, g, True, scale, owned) for t, g in zip(theta, consensus)]
+        filtered = cfg.use_retention and cfg.retention_mode == "filtered"
         return merged, weights, diag, (a / scale.unsqueeze(0) if filtered else None)
 
     def _pairwise_group(self, stream, keys, theta, counts, sizes):

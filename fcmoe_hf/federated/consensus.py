@@ -104,6 +104,37 @@ def row_dots(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tens
     return total
 
 
+def stacked_consensus(
+    stacked: Sequence[torch.Tensor], weights: torch.Tensor, out: Optional[Sequence[torch.Tensor]] = None
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Eq. 3 and the dot products Eq. 4 needs, over updates held as `(K, E, D_j)` tensors.
+
+    One matrix-vector product per expert and tensor for `g` and one for the dot products: each update is read twice
+    from memory, and never more than once from disk.
+
+    Args:
+        stacked (`Sequence[torch.Tensor]`): the tensors of one expert group, each `(K, E, D_j)`.
+        weights (`torch.Tensor` of shape `(K, E)`): `w[i,k]`, in any float dtype.
+        out (`Sequence[torch.Tensor]`, *optional*): `(E, D_j)` tensors to write `g` into.
+
+    Returns:
+        `(g, dots, g_sq)`: `g[j]` of shape `(E, D_j)` (the consensus, in `stacked`'s dtype), `dots[i,k] =
+        <Delta[i,k], g[k]>` `(K, E)` and `g_sq[k] = ||g[k]||^2` `(E,)`, both float64.
+    """
+    num_clients, num_experts = weights.shape
+    w = weights.to(device=stacked[0].device, dtype=stacked[0].dtype)
+    consensus = list(out) if out is not None else [torch.empty(x.shape[1:], dtype=x.dtype, device=x.device) for x in stacked]
+    dots = torch.zeros(num_clients, num_experts, dtype=torch.float64)
+    g_sq = torch.zeros(num_experts, dtype=torch.float64)
+    for x, g in zip(stacked, consensus, strict=True):
+        for k in range(num_experts):
+            # (K, D) with row stride E*D: a plain strided matrix for BLAS, no copy.
+            torch.mv(x[:, k].t(), w[:, k], out=g[k])
+            dots[:, k] += torch.mv(x[:, k], g[k]).double().cpu()
+        g_sq += torch.linalg.vector_norm(g, dim=1).double().square().cpu()
+    return consensus, dots, g_sq
+
+
 def consensus_direction(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Eq. 3: `g[k] = sum_i w[i,k] Delta[i,k]`.
 

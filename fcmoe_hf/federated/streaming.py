@@ -2,11 +2,15 @@
 
 The aggregators never hold every client's full adapter. They walk the global state group by group (and shared tensor
 by shared tensor) and, for each, read the clients' tensors one client at a time from their (possibly lazy,
-safetensors-backed) `deltas`, folding each into a float32 accumulator of one group's size. Peak memory is the output
-state plus a few groups' worth of buffers, flat in the number of clients K. A second read of the same group, when a
-merge needs one (FC-MoE's dot products with the consensus), is served from float32 copies kept from the first read
-within a fixed budget ([`UpdateStream`]'s `cache_bytes`), and beyond it from the OS page cache (the group was just
-read).
+safetensors-backed) `deltas`, folding each into a float32 accumulator of one group's size ([`weighted_pass`]). Peak
+memory is the output state plus a few groups' worth of buffers, flat in the number of clients K.
+
+A merge that needs every client's update twice (FC-MoE: the consensus, then each update's dot product with it) reads
+a chunk of experts of every client into one fixed float32 buffer instead ([`ChunkArena`], [`read_stacked_rows`]; as
+many experts as the budget holds for K clients): the expert rows of a group are contiguous on disk, so each update is
+read from disk exactly once, in forward order, and both uses are served from memory. When not even one expert of
+every client fits, [`weighted_pass`] and [`dot_pass`] read the group twice, the second time from float32 copies kept
+within a fixed budget ([`UpdateStream`]'s `cache_bytes`) and beyond it from the OS page cache.
 
 Values are checked on the first read of each tensor of a merge: a client with NaN/Inf (found through its norms, or
 through a non-finite accumulator when norms are not needed) is reported with [`ContentRejected`], and the aggregator
@@ -26,7 +30,7 @@ from typing import Optional
 import torch
 
 from .consensus import row_dot
-from .updates import ClientUpdate
+from .updates import ClientUpdate, describe_tensor
 from .validation import check_tensor_values
 
 #: Accumulators and working copies are float32 whatever the updates' dtype (bf16 updates are upcast on read).
@@ -120,6 +124,57 @@ class UpdateStream:
             self._owned[id(buffer)] = buffer  # a strong reference: the id cannot be reused while it is ours
             out.append(buffer)
         return out
+
+    def read_rows_into(self, i: int, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Copy client `i`'s raw (unclipped) rows `start:stop` of `key` into `out`, converting to `out`'s dtype.
+
+        `out` is a contiguous `(stop - start, D)` tensor. A lazy update reads just those rows from disk, straight into
+        `out` when the stored dtype is `out`'s, else into a recycled staging buffer first.
+        """
+        deltas = self.updates[i].deltas
+        reader = getattr(deltas, "read_rows", None)
+        if reader is None:
+            out.copy_(as_rows(deltas[key][start:stop], True))
+            return
+        shape, dtype = deltas.tensor_info(key)
+        rows = (stop - start, *shape[1:])
+        if dtype == out.dtype and out.device == _CPU:
+            reader(key, start, stop, out=out.view(rows))
+            return
+        spec = (rows, dtype, _CPU)
+        free = self._free.setdefault(spec, [])
+        staging = free.pop() if free else torch.empty(rows, dtype=dtype)
+        out.copy_(reader(key, start, stop, out=staging).reshape(out.shape))
+        free.append(staging)
+
+    def read_stacked(
+        self, key: str, start: int, stop: int, out: torch.Tensor, row_norms: Optional[torch.Tensor] = None
+    ) -> None:
+        """Fill `out` (`(K, stop - start, D)`) with every client's raw rows `start:stop` of `key`, in `out`'s dtype.
+
+        `row_norms` (`(K, stop - start)`, `out`'s dtype), if given, receives the L2 norm of each row, computed right
+        after each client's rows are written, while they are still in cache.
+        """
+        stored = {describe_tensor(u.deltas, key)[1] for u in self.updates}
+        dtype = stored.pop() if len(stored) == 1 else None
+        staging = raw = None
+        if dtype is not None and dtype != out.dtype and out.device == _CPU:
+            # One client's rows at a time through a small staging buffer, converted while still in cache (staging
+            # every client first and converting once was measured slower: the staging area falls out of cache).
+            free = self._free.setdefault((tuple(out.shape[1:]), dtype, _CPU), [])
+            staging = free.pop() if free else torch.empty(out.shape[1:], dtype=dtype)
+            raw = memoryview(staging.view(torch.uint8).reshape(-1).numpy())
+        for i, update in enumerate(self.updates):
+            reader = getattr(update.deltas, "readinto_rows", None)
+            if staging is not None and reader is not None:
+                reader(key, start, stop, raw)
+                out[i].copy_(staging)
+            else:
+                self.read_rows_into(i, key, start, stop, out[i])
+            if row_norms is not None:
+                torch.linalg.vector_norm(out[i], dim=1, out=row_norms[i])
+        if staging is not None:
+            free.append(staging)
 
     def release(self, tensors: Sequence[torch.Tensor]) -> None:
         """Recycle the converted buffers among `tensors` (others, e.g. the caller's tensors, are left alone)."""
@@ -330,3 +385,51 @@ def dot_pass(
         stream.release(tensors)
     stream.clear_cache()  # clients not read this time (no weight) may still hold kept tensors
     return out
+
+
+def experts_per_chunk(num_clients: int, expert_numel: int, budget_bytes: int) -> int:
+    """How many experts of every client fit in `budget_bytes` as float32 (`0`: not even one)."""
+    per_expert = num_clients * expert_numel * torch.finfo(ACCUMULATE_DTYPE).bits // 8
+    return budget_bytes // per_expert if per_expert else 0
+
+
+class ChunkArena:
+    """One reusable float32 buffer carved into `(K, experts, D)` views, one per tensor of a chunk.
+
+    Every chunk of a merge reuses the same memory: a fresh allocation per chunk costs page faults on its first touch,
+    about as much as the arithmetic done on it.
+    """
+
+    def __init__(self, device: torch.device = _CPU):
+        self.device = device
+        self._buffer = torch.empty(0, dtype=ACCUMULATE_DTYPE, device=device)
+
+    def views(self, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+        """Contiguous, non-overlapping tensors of the given shapes (their contents are garbage)."""
+        total = sum(math.prod(shape) for shape in shapes)
+        if self._buffer.numel() < total:
+            self._buffer = torch.empty(total, dtype=ACCUMULATE_DTYPE, device=self.device)
+        out, offset = [], 0
+        for shape in shapes:
+            size = math.prod(shape)
+            out.append(self._buffer[offset : offset + size].view(shape))
+            offset += size
+        return out
+
+
+def read_stacked_rows(
+    stream: UpdateStream, keys: Sequence[str], start: int, stop: int, out: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Fill `out[j]` (`(K, stop - start, D_j)` float32) with every client's raw rows `start:stop` of `keys[j]`.
+
+    Lazy updates are read without per-read allocations: into `out` directly when stored as float32, else through one
+    recycled staging buffer.
+
+    Returns:
+        `torch.Tensor` of shape `(K, stop - start)`: float64 squared norms of every client's expert rows over `keys`.
+    """
+    k, rows = out[0].shape[:2]
+    norms = torch.empty(len(keys), k, rows, dtype=out[0].dtype, device=out[0].device)
+    for j, (key, stacked) in enumerate(zip(keys, out)):
+        stream.read_stacked(key, start, stop, stacked, row_norms=norms[j])
+    return norms.double().square().sum(dim=0).cpu()

@@ -119,14 +119,17 @@ class LazySafetensors(Mapping):
 
     Lets the server stream clients' updates tensor by tensor instead of holding every full update in memory. The
     header is parsed once (keys, shapes, dtypes, offsets, checked against the file size); each access then reads just
-    that tensor's bytes into a fresh tensor. Nothing stays mapped between accesses, so memory (RSS) holds only the
-    tensors the caller keeps, and repeated reads of a recently read tensor come from the OS page cache.
+    that tensor's bytes (or, with [`read_rows`], a range of its rows) into a fresh tensor. Nothing is memory-mapped, so
+    memory (RSS) holds only the tensors the caller keeps, and repeated reads of a recently read tensor come from the OS
+    page cache. One read-only file descriptor is kept open from the first read until [`close`] or garbage collection.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self._info: dict[str, tuple[torch.Size, Optional[torch.dtype]]] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
+        self._fd: Optional[int] = None
+        self._size = -1
         if sys.byteorder != "little":  # safetensors is little-endian: let the library byte-swap
             with safe_open(self.path, framework="pt") as f:
                 for key in f.keys():
@@ -136,7 +139,7 @@ class LazySafetensors(Mapping):
             return
         self._keys = []
         try:
-            size = os.path.getsize(self.path)
+            size = self._size = os.path.getsize(self.path)
             with open(self.path, "rb") as f:
                 (header_len,) = struct.unpack("<Q", f.read(8))
                 if header_len > size - 8:
@@ -166,19 +169,86 @@ class LazySafetensors(Mapping):
         if key not in self._offsets or dtype is None:
             with safe_open(self.path, framework="pt") as f:
                 return f.get_tensor(key)
+        return self.read_rows(key, 0, shape[0] if len(shape) else 1).reshape(shape)
+
+    def read_rows(self, key: str, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows `start:stop` (along dimension 0) of tensor `key`, read from disk without reading the rest.
+
+        Args:
+            key (`str`): the tensor.
+            start (`int`), stop (`int`): the row range.
+            out (`torch.Tensor`, *optional*): a contiguous tensor of the stored dtype and `stop - start` rows' size to
+                read into (a recycled buffer); a fresh tensor otherwise.
+
+        Returns:
+            `torch.Tensor` of shape `(stop - start, *shape[1:])` in the stored dtype.
+        """
+        shape, dtype = self._info[key]
+        if key not in self._offsets or dtype is None:
+            return self[key][start:stop]
+        size = self._row_range(key, start, stop)[1]
+        if out is None:
+            out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        elif out.dtype != dtype or out.numel() * out.element_size() != size or not out.is_contiguous():
+            raise ValueError(f"read_rows({key!r}): `out` must be a contiguous {dtype} tensor of {size} bytes.")
+        if size:
+            self.readinto_rows(key, start, stop, memoryview(out.view(torch.uint8).reshape(-1).numpy()))
+        return out.view(stop - start, *shape[1:])
+
+    def readinto_rows(self, key: str, start: int, stop: int, view: memoryview) -> None:
+        """Read the raw bytes of rows `start:stop` of `key` (stored dtype, little-endian) into `view`, its exact size.
+
+        The allocation-free form of [`read_rows`], for callers that read many slices into one buffer.
+        """
+        offset, size = self._row_range(key, start, stop)
+        if len(view) != size:
+            raise ValueError(f"readinto_rows({key!r}, {start}, {stop}) needs {size} bytes, got a buffer of {len(view)}.")
+        self._read_into(offset, view, key)
+
+    def _row_range(self, key: str, start: int, stop: int) -> tuple[int, int]:
+        """`(file offset, byte count)` of rows `start:stop` of `key`."""
+        shape = self._info[key][0]
         offset, nbytes = self._offsets[key]
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            view = memoryview(buffer.numpy())
-            with open(self.path, "rb", buffering=0) as f:
-                f.seek(offset)
-                done = 0
-                while done < nbytes:
-                    n = f.readinto(view[done:])
-                    if not n:
-                        raise ValueError(f"{self.path} ended while reading tensor {key!r}.")
-                    done += n
-        return buffer.view(dtype).reshape(shape)
+        rows = shape[0] if len(shape) else 1
+        if not 0 <= start <= stop <= rows:
+            raise IndexError(f"rows {start}:{stop} out of range for {key!r} with {rows} rows.")
+        row_bytes = nbytes // rows if rows else 0
+        return offset + start * row_bytes, (stop - start) * row_bytes
+
+    def _read_into(self, offset: int, view: memoryview, key: str) -> None:
+        # One descriptor for the object's life: a merge reads thousands of slices, and an open() per read costs more
+        # than the read itself. The file must be the one whose header was parsed.
+        if self._fd is None:
+            fd = os.open(self.path, os.O_RDONLY)
+            if os.fstat(fd).st_size != self._size:
+                os.close(fd)
+                raise ValueError(f"{self.path} changed on disk since its header was read.")
+            self._fd = fd
+        done = 0
+        while done < len(view):
+            if hasattr(os, "preadv"):
+                n = os.preadv(self._fd, [view[done:]], offset + done)
+            else:  # no preadv (Windows): read, then copy
+                chunk = os.pread(self._fd, len(view) - done, offset + done)
+                n = len(chunk)
+                view[done : done + n] = chunk
+            if not n:
+                raise ValueError(f"{self.path} ended while reading tensor {key!r}.")
+            done += n
+
+    def close(self) -> None:
+        """Close the file descriptor kept for reads (reopened on the next read)."""
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fd"] = None  # descriptors do not cross processes
+        return state
 
     def tensor_info(self, key: str) -> tuple[torch.Size, Optional[torch.dtype]]:
         """`(shape, dtype)` of `key` from the file header, without reading the tensor (dtype `None` if torch lacks it)."""

@@ -187,9 +187,10 @@ class FederatedMoEMixin:
         if count_base:
             inputs = {**inputs, "output_router_logits": True}
         attention_mask = inputs.get("attention_mask")
-        loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
+        # Outputs only when needed: some parents (TRL's SFTTrainer) do extra work to return them.
+        want_outputs = return_outputs or count_base
+        result = super().compute_loss(model, inputs, return_outputs=want_outputs, num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if want_outputs else (result, None)
         if not model.training:
             return (loss, outputs) if return_outputs else loss
 

@@ -191,7 +191,8 @@ class MoELoraLayer(BaseTunerLayer):
         # The fused GEMM feeds the router and the experts the same input: not possible when dropout or jitter noise
         # perturbs one of them, and the router must stay in fp32, so the experts must be fp32 too.
         return (
-            isinstance(self.moe_lora_dropout[adapter_name], nn.Identity)
+            not torch.is_autocast_enabled(self.moe_lora_A[adapter_name].device.type)  # would make the router GEMM bf16
+            and isinstance(self.moe_lora_dropout[adapter_name], nn.Identity)
             and not (self.training and self.jitter_noise[adapter_name] > 0)
             and self.moe_lora_A[adapter_name].dtype == self.moe_lora_router[adapter_name].dtype == torch.float32
         )

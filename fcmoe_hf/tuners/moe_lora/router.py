@@ -44,7 +44,10 @@ def route(
     hidden = hidden.float()
     if jitter_noise > 0:
         hidden = hidden * torch.empty_like(hidden).uniform_(1.0 - jitter_noise, 1.0 + jitter_noise)
-    return route_logits(F.linear(hidden, router_weight.float()), top_k, renormalize)
+    # Under autocast the GEMM would run in bf16/fp16 whatever its inputs' dtype: the router opts out.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = F.linear(hidden, router_weight.float())
+    return route_logits(logits, top_k, renormalize)
 
 
 def route_logits(logits: torch.Tensor, top_k: int, renormalize: bool) -> RouterOutput:
