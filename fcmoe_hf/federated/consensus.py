@@ -11,7 +11,8 @@ Because the consensus uses the same weights as the merge, the projected merge is
 `sum_i w Delta' = g - (sum_i w a) g = s[k] * g[k]` with `s[k] = 1 - sum_i w[i,k] a[i,k] >= 1`. A conflicting client
 cannot cancel the direction the others agree on: its opposing component is removed, and what remains of its update
 still counts. So the whole projection needs, per client and expert, only the dot product `<Delta[i,k], g[k]>`: O(N)
-per expert, and a streaming merge needs two reads of each update (one to build `g`, one for the dot products).
+per expert. Each update is used twice (to build `g`, then for its dot product with `g`); a streaming merge reads a
+chunk of experts of every client into memory once and does both from there ([`stacked_consensus`]).
 
 The pairwise variant (PCGrad, Yu et al. 2020, "Gradient Surgery for Multi-Task Learning", arXiv:2001.06782) projects
 each update against every other conflicting update in turn. It is expressed here on the Gram matrix
