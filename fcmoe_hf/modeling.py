@@ -156,6 +156,10 @@ def _cached_gguf_dir(directory: str, gguf_file: str, cache_root: Path) -> Option
     gguf_path = os.path.join(directory, gguf_file)
     entry, source = _cache_entry(cache_root, gguf_path)
     if (entry / _CACHE_MARKER).is_file():
+        try:
+            os.utime(entry / _CACHE_MARKER)  # last use, for pruning
+        except OSError:
+            pass
         return entry
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +191,38 @@ def _cached_gguf_dir(directory: str, gguf_file: str, cache_root: Path) -> Option
         return None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    prune_stale_cache_entries(cache_root, source)
     return entry
+
+
+#: Entries of the same GGUF file made by another transformers version are removed after this long unused.
+STALE_CACHE_SECONDS = 30 * 24 * 3600
+
+
+def prune_stale_cache_entries(cache_root: Path, source: dict[str, Any]) -> list[Path]:
+    """Remove cache entries that a new entry for the GGUF file `source["gguf_file"]` supersedes; return them.
+
+    An entry of the same file goes when the file has changed since (size or mtime), or when another transformers
+    version made it and nothing used it for [`STALE_CACHE_SECONDS`] (another environment may still use it). Each
+    entry holds a ~540 MB copy of the model, so without this every transformers upgrade would leave one behind.
+    """
+    removed = []
+    now = time.time()
+    for marker in (cache_root / "gguf").glob(f"*/{_CACHE_MARKER}"):
+        try:
+            recorded = json.loads(marker.read_text())
+            unused_for = now - marker.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if recorded.get("gguf_file") != source["gguf_file"]:
+            continue
+        changed = (recorded.get("size"), recorded.get("mtime_ns")) != (source["size"], source["mtime_ns"])
+        superseded = recorded.get("transformers") != source["transformers"] and unused_for > STALE_CACHE_SECONDS
+        if changed or superseded:
+            shutil.rmtree(marker.parent, ignore_errors=True)
+            removed.append(marker.parent)
+            logger.info("Removed the stale model cache entry %s.", marker.parent)
+    return removed
 
 
 def load_base_model(

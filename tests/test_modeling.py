@@ -110,3 +110,32 @@ def test_smollm2_gguf_loads_generates_and_caches(tmp_path):
     text = "The quick brown fox <|im_end|>"
     assert cached_tokenizer(text).input_ids == tokenizer(text).input_ids
     assert cached_tokenizer.chat_template == tokenizer.chat_template
+
+
+def test_stale_gguf_cache_entries_are_pruned(tmp_path):
+    """A changed GGUF file's old entry goes; another transformers version's entry goes only once long unused."""
+    import json
+    import os
+    import time
+
+    from fcmoe_hf.modeling import _CACHE_MARKER, STALE_CACHE_SECONDS, prune_stale_cache_entries
+
+    source = {"gguf_file": "/models/m.gguf", "size": 10, "mtime_ns": 5, "transformers": "5.24.0"}
+
+    def entry(name, age_s=0.0, **changes):
+        path = tmp_path / "gguf" / name
+        path.mkdir(parents=True)
+        marker = path / _CACHE_MARKER
+        marker.write_text(json.dumps({**source, **changes}))
+        os.utime(marker, (time.time() - age_s, time.time() - age_s))
+        return path
+
+    current = entry("current")
+    file_changed = entry("old-file", size=9)
+    other_version_recent = entry("other-recent", transformers="5.23.0")
+    other_version_unused = entry("other-unused", age_s=STALE_CACHE_SECONDS + 60, transformers="5.23.0")
+    other_file = entry("other-file", age_s=STALE_CACHE_SECONDS + 60, gguf_file="/models/n.gguf", size=1)
+    removed = prune_stale_cache_entries(tmp_path, source)
+    assert sorted(removed) == sorted([file_changed, other_version_unused])
+    assert current.exists() and other_version_recent.exists() and other_file.exists()
+    assert not file_changed.exists() and not other_version_unused.exists()
