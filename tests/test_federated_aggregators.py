@@ -570,3 +570,19 @@ def test_fcmoe_reads_each_saved_update_once(tmp_path, monkeypatch):
     reference = FCMoEAggregator(use_retention=False).aggregate(theta, updates)
     for key in theta:
         assert torch.equal(result.global_state[key], reference.global_state[key])
+
+
+def test_lazy_safetensors_without_offsets_reads_through_safetensors(tmp_path, monkeypatch):
+    """Hosts where the header offsets are not used (big-endian) read rows through safetensors' own loader."""
+    from safetensors.torch import save_file
+
+    from fcmoe_hf.federated import LazySafetensors
+
+    tensors = {"a": torch.arange(12, dtype=torch.float32).view(3, 4).bfloat16()}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    lazy = LazySafetensors(tmp_path / "t.safetensors")
+    monkeypatch.setattr(lazy, "_offsets", {})
+    assert torch.equal(lazy.read_rows("a", 1, 3), tensors["a"][1:3])
+    out = torch.empty(2, 4, dtype=torch.bfloat16)
+    lazy.readinto_rows("a", 1, 3, memoryview(out.view(torch.uint8).reshape(-1).numpy()))
+    assert torch.equal(out, tensors["a"][1:3])

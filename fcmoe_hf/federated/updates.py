@@ -200,6 +200,13 @@ class LazySafetensors(Mapping):
 
         The allocation-free form of [`read_rows`], for callers that read many slices into one buffer.
         """
+        if key not in self._offsets or self._info[key][1] is None:  # read through safetensors (e.g. big-endian hosts)
+            rows = self.read_rows(key, start, stop).contiguous()
+            data = memoryview(rows.view(torch.uint8).reshape(-1).numpy())
+            if len(view) != len(data):
+                raise ValueError(f"readinto_rows({key!r}, {start}, {stop}) needs {len(data)} bytes, got {len(view)}.")
+            view[:] = data
+            return
         offset, size = self._row_range(key, start, stop)
         if len(view) != size:
             raise ValueError(f"readinto_rows({key!r}, {start}, {stop}) needs {size} bytes, got a buffer of {len(view)}.")
