@@ -586,3 +586,46 @@ def test_lazy_safetensors_without_offsets_reads_through_safetensors(tmp_path, mo
     out = torch.empty(2, 4, dtype=torch.bfloat16)
     lazy.readinto_rows("a", 1, 3, memoryview(out.view(torch.uint8).reshape(-1).numpy()))
     assert torch.equal(out, tensors["a"][1:3])
+
+
+def test_merge_closes_descriptors_and_stays_within_the_budget(tmp_path, monkeypatch):
+    """A merge of lazily read updates leaves no descriptor open, and never keeps more than the process budget."""
+    from safetensors.torch import save_file
+
+    from fcmoe_hf.federated import LazySafetensors
+    from fcmoe_hf.federated import updates as updates_module
+
+    theta, updates = random_round(k=6, dtype=torch.bfloat16)
+    save_file(theta, str(tmp_path / "adapter_model.safetensors"))
+    loaded = [ClientUpdate.load(u.save(tmp_path / u.client_id)) for u in updates]
+    monkeypatch.setattr(updates_module._DESCRIPTORS, "limit", 3)  # fewer than the 7 files of the merge
+    kept = []
+    original = LazySafetensors._read_into
+
+    def watching(self, offset, view, key):
+        original(self, offset, view, key)
+        kept.append(updates_module._DESCRIPTORS.held)
+
+    monkeypatch.setattr(LazySafetensors, "_read_into", watching)
+    result = FCMoEAggregator().aggregate(LazySafetensors(tmp_path / "adapter_model.safetensors"), loaded)
+    assert max(kept) == 3 and updates_module._DESCRIPTORS.held == 0
+    assert all(u.deltas._fd is None for u in loaded)
+    reference = FCMoEAggregator().aggregate(theta, updates)
+    for key in theta:
+        assert torch.equal(result.global_state[key], reference.global_state[key])
+    result.residuals[loaded[0].client_id]  # computed on demand: reads the update again, then closes it
+    assert loaded[0].deltas._fd is None and updates_module._DESCRIPTORS.held == 0
+
+
+def test_one_aggregator_shared_between_threads():
+    """Merge buffers are per call: concurrent merges on one aggregator give the sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rounds = [random_round(k=4, dtype=torch.bfloat16, seed=s) for s in range(4)]
+    aggregator = FCMoEAggregator()
+    expected = [aggregator.aggregate(theta, ups).global_state for theta, ups in rounds]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda r: aggregator.aggregate(*r).global_state, rounds * 3))
+    for i, got in enumerate(results):
+        for key, value in expected[i % 4].items():
+            assert torch.equal(got[key], value), key

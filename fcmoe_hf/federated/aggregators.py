@@ -341,6 +341,8 @@ class ResidualCoefficients(Mapping):
             update, factor = self._sources[client_id]
             with torch.no_grad():
                 coefficients = retention_coefficients(update.deltas, self._global_state)
+            if isinstance(update.deltas, LazySafetensors):
+                update.deltas.close()
             self._computed[client_id] = {g: c * factor for g, c in coefficients.items()} if factor != 1.0 else coefficients
         return self._computed[client_id]
 
@@ -481,6 +483,17 @@ class Aggregator:
             `ValueError`: if fewer than `config.min_clients` valid updates remain (the message lists the rejections),
                 or if `global_state` itself is malformed.
         """
+        try:
+            return self._aggregate_validated(global_state, updates)
+        finally:
+            # Lazily read files keep a descriptor while in use; a server must not hold K of them between rounds.
+            for source in [global_state, *(getattr(u, "deltas", None) for u in updates)]:
+                if isinstance(source, LazySafetensors):
+                    source.close()
+
+    __call__ = aggregate
+
+    def _aggregate_validated(self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> AggregationResult:
         cfg = self.config
         with torch.no_grad():
             _check_global_state(global_state)
@@ -516,8 +529,6 @@ class Aggregator:
             self._commit_pending()
         result.rejected = rejected
         return result
-
-    __call__ = aggregate
 
     def _clip_factors(self, valid: list[ClientUpdate], rejected: list[RejectedUpdate]) -> tuple[list[ClientUpdate], list[float]]:
         kept, factors = [], []
@@ -992,12 +1003,6 @@ class FCMoEAggregator(Aggregator):
 
     config_class = FCMoEConfig
 
-    def __init__(self, config=None, **kwargs):
-        super().__init__(config, **kwargs)
-        # The merge buffers, reused across the groups of a merge: stacked expert chunks, and the consensus.
-        self._arena: Optional[ChunkArena] = None
-        self._consensus_arena: Optional[ChunkArena] = None
-
     def _cache_bytes(self) -> int:
         return int(self.config.merge_buffer_mb * 2**20)
 
@@ -1008,20 +1013,22 @@ class FCMoEAggregator(Aggregator):
         new: dict[str, torch.Tensor] = {}
         weights, diagnostics, coefficients = {}, {}, {}
         owned = _owns_tensors(global_state)
+        # Merge buffers reused across the groups of this merge (stacked expert chunks, the consensus): locals, so an
+        # aggregator shared between threads stays correct, and a server holds none between rounds.
+        buffers: dict[Any, ChunkArena] = {}
         for group, keys in groups.items():
             theta = [global_state[key] for key in keys]
             counts = stack_statistics(stream.updates, group, theta[0].shape[0])
             if cfg.use_projection and cfg.projection_mode == "pairwise":
                 merged, w, diag, coef = self._pairwise_group(stream, keys, theta, counts, sizes)
             else:
-                merged, w, diag, coef = self._consensus_group(stream, keys, theta, counts, sizes, owned)
+                merged, w, diag, coef = self._consensus_group(stream, keys, theta, counts, sizes, owned, buffers)
             new.update(zip(keys, merged))
             weights[group] = w
             if diag is not None:
                 diagnostics[group] = diag
             if coef is not None:
                 coefficients[group] = coef
-        self._arena = self._consensus_arena = None  # a server between rounds holds no merge buffers
         new.update(_fedavg_shared(stream, global_state, shared, sizes))
         new_state = {key: new[key] for key in global_state.keys()}
         residuals: Mapping[str, dict[str, torch.Tensor]] = {}
@@ -1045,7 +1052,7 @@ class FCMoEAggregator(Aggregator):
             return lambda i, norms: counts[i] * norms
         return _data_size_scores(sizes)
 
-    def _consensus_group(self, stream, keys, theta, counts, sizes, owned=False):
+    def _consensus_group(self, stream, keys, theta, counts, sizes, owned=False, buffers=None):
         cfg = self.config
         device = theta[0].device
         filtered = cfg.use_retention and cfg.retention_mode == "filtered"
@@ -1053,7 +1060,8 @@ class FCMoEAggregator(Aggregator):
             expert_numel = sum(rows_shape(t.shape, True)[1] for t in theta)
             chunk = experts_per_chunk(len(stream), expert_numel, self._cache_bytes())
             if chunk > 0:
-                return self._stacked_consensus_group(stream, keys, theta, counts, sizes, chunk, owned)
+                buffers = {} if buffers is None else buffers
+                return self._stacked_consensus_group(stream, keys, theta, counts, sizes, chunk, owned, buffers)
         result = _weighted_group(
             stream,
             keys,
@@ -1077,7 +1085,7 @@ class FCMoEAggregator(Aggregator):
         # Delta - Delta' = a g = (a / s) (Theta_new - Theta_old): the filtered residual's coefficients, for free.
         return merged, weights, diag, (a / scale.unsqueeze(0) if filtered else None)
 
-    def _stacked_consensus_group(self, stream, keys, theta, counts, sizes, chunk, owned):
+    def _stacked_consensus_group(self, stream, keys, theta, counts, sizes, chunk, owned, buffers):
         """The consensus merge of one group with one read of each update: `chunk` experts of every client at a time."""
         cfg = self.config
         device = theta[0].device
@@ -1088,14 +1096,12 @@ class FCMoEAggregator(Aggregator):
         weights = torch.zeros(k, num_experts, dtype=torch.float64)
         dots = torch.zeros(k, num_experts, dtype=torch.float64)
         g_sq = torch.zeros(num_experts, dtype=torch.float64)
-        if self._arena is None or self._arena.device != device:
-            self._arena = ChunkArena(device)
-            self._consensus_arena = ChunkArena(device)
-        consensus = self._consensus_arena.views([(num_experts, d) for d in dims])
+        arena = buffers.setdefault(("chunks", device), ChunkArena(device))
+        consensus = buffers.setdefault(("consensus", device), ChunkArena(device)).views([(num_experts, d) for d in dims])
         for start in range(0, num_experts, chunk):
             stop = min(start + chunk, num_experts)
             part = slice(start, stop)
-            stacked = self._arena.views([(k, stop - start, d) for d in dims])
+            stacked = arena.views([(k, stop - start, d) for d in dims])
             sq = read_stacked_rows(stream, keys, start, stop, stacked)
             bad = [i for i, total in enumerate(sq.sum(dim=1).tolist()) if not math.isfinite(total)]
             if bad:  # NaN/Inf propagate into the norms: name the tensor

@@ -18,6 +18,7 @@ import os
 import re
 import struct
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
@@ -114,6 +115,42 @@ def describe_tensor(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[torc
     return tensor.shape, tensor.dtype
 
 
+class _DescriptorBudget:
+    """How many read descriptors [`LazySafetensors`] objects may keep open at once, process-wide.
+
+    A merge reads every client's file in turn, so it would keep K descriptors open; past the process's limit on open
+    files (often 1024, 256 on macOS) that fails. A quarter of the soft limit is kept at most; beyond it, reads open
+    and close a descriptor each time. Hosts without positional reads (Windows) never keep one: threads would share its
+    file offset.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held = 0
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            soft = 512
+        soft = 4096 if soft < 0 else soft  # RLIM_INFINITY
+        self.limit = max(8, min(1024, soft // 4)) if hasattr(os, "pread") else 0
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self.held >= self.limit:
+                return False
+            self.held += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.held = max(0, self.held - 1)
+
+
+_DESCRIPTORS = _DescriptorBudget()
+
+
 class LazySafetensors(Mapping):
     """A read-only `Mapping[str, Tensor]` over a safetensors file: each tensor is read from disk on access.
 
@@ -121,7 +158,8 @@ class LazySafetensors(Mapping):
     header is parsed once (keys, shapes, dtypes, offsets, checked against the file size); each access then reads just
     that tensor's bytes (or, with [`read_rows`], a range of its rows) into a fresh tensor. Nothing is memory-mapped, so
     memory (RSS) holds only the tensors the caller keeps, and repeated reads of a recently read tensor come from the OS
-    page cache. One read-only file descriptor is kept open from the first read until [`close`] or garbage collection.
+    page cache. One read-only file descriptor is kept open from the first read until [`close`] (aggregators close the
+files they merged) or garbage collection, within a process-wide budget (see `_DescriptorBudget`).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -129,6 +167,7 @@ class LazySafetensors(Mapping):
         self._info: dict[str, tuple[torch.Size, Optional[torch.dtype]]] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
         self._fd: Optional[int] = None
+        self._lock = threading.Lock()
         self._size = -1
         if sys.byteorder != "little":  # safetensors is little-endian: let the library byte-swap
             with safe_open(self.path, framework="pt") as f:
@@ -222,40 +261,72 @@ class LazySafetensors(Mapping):
         row_bytes = nbytes // rows if rows else 0
         return offset + start * row_bytes, (stop - start) * row_bytes
 
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        if os.fstat(fd).st_size != self._size:
+            os.close(fd)
+            raise ValueError(f"{self.path} changed on disk since its header was read.")
+        return fd
+
     def _read_into(self, offset: int, view: memoryview, key: str) -> None:
-        # One descriptor for the object's life: a merge reads thousands of slices, and an open() per read costs more
-        # than the read itself. The file must be the one whose header was parsed.
-        if self._fd is None:
-            fd = os.open(self.path, os.O_RDONLY)
-            if os.fstat(fd).st_size != self._size:
+        # A merge reads thousands of slices, and an open() per read costs more than the read: the object keeps one
+        # descriptor, within a process-wide budget (beyond it, a descriptor per read). The file must be the one
+        # whose header was parsed.
+        fd, transient = self._fd, False
+        if fd is None:
+            with self._lock:
+                if self._fd is None:
+                    fd = self._open()
+                    if _DESCRIPTORS.acquire():
+                        self._fd = fd
+                    else:
+                        transient = True
+                else:
+                    fd = self._fd
+        try:
+            done = 0
+            while done < len(view):
+                if hasattr(os, "preadv"):
+                    n = os.preadv(fd, [view[done:]], offset + done)
+                elif hasattr(os, "pread"):
+                    chunk = os.pread(fd, len(view) - done, offset + done)
+                    n = len(chunk)
+                    view[done : done + n] = chunk
+                else:  # Windows: no positional reads, and this descriptor's offset is ours alone
+                    os.lseek(fd, offset + done, os.SEEK_SET)
+                    chunk = os.read(fd, len(view) - done)
+                    n = len(chunk)
+                    view[done : done + n] = chunk
+                if not n:
+                    raise ValueError(f"{self.path} ended while reading tensor {key!r}.")
+                done += n
+        finally:
+            if transient:
                 os.close(fd)
-                raise ValueError(f"{self.path} changed on disk since its header was read.")
-            self._fd = fd
-        done = 0
-        while done < len(view):
-            if hasattr(os, "preadv"):
-                n = os.preadv(self._fd, [view[done:]], offset + done)
-            else:  # no preadv (Windows): read, then copy
-                chunk = os.pread(self._fd, len(view) - done, offset + done)
-                n = len(chunk)
-                view[done : done + n] = chunk
-            if not n:
-                raise ValueError(f"{self.path} ended while reading tensor {key!r}.")
-            done += n
 
     def close(self) -> None:
-        """Close the file descriptor kept for reads (reopened on the next read)."""
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Close the file descriptor kept for reads (reopened by the next read). Aggregators call it after a merge."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+                _DESCRIPTORS.release()
 
     def __del__(self) -> None:
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_fd"] = None  # descriptors do not cross processes
+        state["_fd"] = None  # descriptors and locks do not cross processes
+        state.pop("_lock", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def tensor_info(self, key: str) -> tuple[torch.Size, Optional[torch.dtype]]:
         """`(shape, dtype)` of `key` from the file header, without reading the tensor (dtype `None` if torch lacks it)."""
