@@ -51,6 +51,7 @@ from .streaming import (
     as_rows,
     dot_pass,
     experts_per_chunk,
+    non_finite_reason,
     read_stacked_rows,
     rows_shape,
     weighted_pass,
@@ -58,7 +59,6 @@ from .streaming import (
 from .updates import ClientUpdate, LazySafetensors, describe_tensor, group_keys
 from .validation import (
     RejectedUpdate,
-    check_tensor_values,
     check_update_norm,
     clip_factor,
     global_expert_sizes,
@@ -1052,7 +1052,7 @@ class FCMoEAggregator(Aggregator):
             return lambda i, norms: counts[i] * norms
         return _data_size_scores(sizes)
 
-    def _consensus_group(self, stream, keys, theta, counts, sizes, owned=False, buffers=None):
+    def _consensus_group(self, stream, keys, theta, counts, sizes, owned, buffers):
         cfg = self.config
         device = theta[0].device
         filtered = cfg.use_retention and cfg.retention_mode == "filtered"
@@ -1060,8 +1060,10 @@ class FCMoEAggregator(Aggregator):
             expert_numel = sum(rows_shape(t.shape, True)[1] for t in theta)
             chunk = experts_per_chunk(len(stream), expert_numel, self._cache_bytes())
             if chunk > 0:
-                buffers = {} if buffers is None else buffers
-                return self._stacked_consensus_group(stream, keys, theta, counts, sizes, chunk, owned, buffers)
+                merged, weights, diag, a, scale = self._stacked_consensus_group(
+                    stream, keys, theta, counts, sizes, chunk, owned, buffers
+                )
+                return merged, weights, diag, (a / scale.unsqueeze(0) if filtered else None)
         result = _weighted_group(
             stream,
             keys,
@@ -1086,7 +1088,10 @@ class FCMoEAggregator(Aggregator):
         return merged, weights, diag, (a / scale.unsqueeze(0) if filtered else None)
 
     def _stacked_consensus_group(self, stream, keys, theta, counts, sizes, chunk, owned, buffers):
-        """The consensus merge of one group with one read of each update: `chunk` experts of every client at a time."""
+        """The consensus merge of one group with one read of each update: `chunk` experts of every client at a time.
+
+        Returns `(merged tensors, weights, diagnostics, a, s)`, `a` and `s` as [`consensus_statistics`] gives them.
+        """
         cfg = self.config
         device = theta[0].device
         k, num_experts = len(stream), theta[0].shape[0]
@@ -1105,10 +1110,8 @@ class FCMoEAggregator(Aggregator):
             sq = read_stacked_rows(stream, keys, start, stop, stacked)
             bad = [i for i, total in enumerate(sq.sum(dim=1).tolist()) if not math.isfinite(total)]
             if bad:  # NaN/Inf propagate into the norms: name the tensor
-                raise ContentRejected(
-                    {i: next((r for key, x in zip(keys, stacked) if (r := check_tensor_values(key, x[i]))), None)
-                     or f"the norm of group {keys[0].rsplit('.', 1)[0]!r} overflows float32" for i in bad}
-                )
+                group = keys[0].rsplit(".", 1)[0]
+                raise ContentRejected({i: non_finite_reason(keys, [x[i] for x in stacked], group) for i in bad})
             if stream.track_norms:
                 stream.squared_norms += sq.sum(dim=1) * stream.clip.square()
             norms[:, part] = sq.sqrt() * clip
@@ -1119,8 +1122,7 @@ class FCMoEAggregator(Aggregator):
             dots[:, part] = chunk_dots * clip
         a, scale, diag = consensus_statistics(weights, norms, dots, g_sq)
         merged = [_apply_step(t, g, True, scale, owned) for t, g in zip(theta, consensus)]
-        filtered = cfg.use_retention and cfg.retention_mode == "filtered"
-        return merged, weights, diag, (a / scale.unsqueeze(0) if filtered else None)
+        return merged, weights, diag, a, scale
 
     def _pairwise_group(self, stream, keys, theta, counts, sizes):
         cfg = self.config

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from .consensus import row_dot
-from .updates import ClientUpdate, describe_tensor
+from .updates import ClientUpdate, LazySafetensors
 from .validation import check_tensor_values
 
 #: Accumulators and working copies are float32 whatever the updates' dtype (bf16 updates are upcast on read).
@@ -44,6 +44,20 @@ class ContentRejected(Exception):
     def __init__(self, problems: dict[int, str]):
         super().__init__("; ".join(f"client #{i}: {r}" for i, r in sorted(problems.items())))
         self.problems = problems
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (for reading file bytes straight into it)."""
+    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
+
+
+def non_finite_reason(keys: Sequence[str], tensors: Sequence[torch.Tensor], what: str) -> str:
+    """Why tensors with a non-finite norm are invalid: the first key holding NaN/Inf, else `what`'s norm overflows."""
+    for key, t in zip(keys, tensors):
+        reason = check_tensor_values(key, t)
+        if reason is not None:
+            return reason
+    return f"the norm of {what!r} overflows float32"
 
 
 def as_rows(tensor: torch.Tensor, expert_rows: bool) -> torch.Tensor:
@@ -125,56 +139,37 @@ class UpdateStream:
             out.append(buffer)
         return out
 
-    def read_rows_into(self, i: int, key: str, start: int, stop: int, out: torch.Tensor) -> None:
-        """Copy client `i`'s raw (unclipped) rows `start:stop` of `key` into `out`, converting to `out`'s dtype.
-
-        `out` is a contiguous `(stop - start, D)` tensor. A lazy update reads just those rows from disk, straight into
-        `out` when the stored dtype is `out`'s, else into a recycled staging buffer first.
-        """
-        deltas = self.updates[i].deltas
-        reader = getattr(deltas, "read_rows", None)
-        if reader is None:
-            out.copy_(as_rows(deltas[key][start:stop], True))
-            return
-        shape, dtype = deltas.tensor_info(key)
-        rows = (stop - start, *shape[1:])
-        if dtype == out.dtype and out.device == _CPU:
-            reader(key, start, stop, out=out.view(rows))
-            return
-        spec = (rows, dtype, _CPU)
-        free = self._free.setdefault(spec, [])
-        staging = free.pop() if free else torch.empty(rows, dtype=dtype)
-        out.copy_(reader(key, start, stop, out=staging).reshape(out.shape))
-        free.append(staging)
-
     def read_stacked(
         self, key: str, start: int, stop: int, out: torch.Tensor, row_norms: Optional[torch.Tensor] = None
     ) -> None:
         """Fill `out` (`(K, stop - start, D)`) with every client's raw rows `start:stop` of `key`, in `out`'s dtype.
 
-        `row_norms` (`(K, stop - start)`, `out`'s dtype), if given, receives the L2 norm of each row, computed right
-        after each client's rows are written, while they are still in cache.
+        A lazy update reads just those rows from disk: straight into `out[i]` when stored in `out`'s dtype, else into a
+        recycled staging buffer, converted while still in cache (staging every client first and converting once was
+        measured slower: the staging area falls out of cache). `row_norms` (`(K, stop - start)`, `out`'s dtype), if
+        given, receives the L2 norm of each row, also computed while the rows are in cache.
         """
-        stored = {describe_tensor(u.deltas, key)[1] for u in self.updates}
-        dtype = stored.pop() if len(stored) == 1 else None
-        staging = raw = None
-        if dtype is not None and dtype != out.dtype and out.device == _CPU:
-            # One client's rows at a time through a small staging buffer, converted while still in cache (staging
-            # every client first and converting once was measured slower: the staging area falls out of cache).
-            free = self._free.setdefault((tuple(out.shape[1:]), dtype, _CPU), [])
-            staging = free.pop() if free else torch.empty(out.shape[1:], dtype=dtype)
-            raw = memoryview(staging.view(torch.uint8).reshape(-1).numpy())
+        staging: dict[torch.dtype, tuple[torch.Tensor, memoryview]] = {}
         for i, update in enumerate(self.updates):
-            reader = getattr(update.deltas, "readinto_rows", None)
-            if staging is not None and reader is not None:
-                reader(key, start, stop, raw)
-                out[i].copy_(staging)
+            deltas, target = update.deltas, out[i]
+            if isinstance(deltas, LazySafetensors) and out.device == _CPU:
+                dtype = deltas.tensor_info(key)[1]
+                if dtype != out.dtype:
+                    if dtype not in staging:
+                        free = self._free.setdefault((tuple(out.shape[1:]), dtype, _CPU), [])
+                        buffer = free.pop() if free else torch.empty(out.shape[1:], dtype=dtype)
+                        staging[dtype] = (buffer, _bytes_of(buffer))
+                    buffer, raw = staging[dtype]
+                    deltas.readinto_rows(key, start, stop, raw)
+                    target.copy_(buffer)
+                else:
+                    deltas.readinto_rows(key, start, stop, _bytes_of(target))
             else:
-                self.read_rows_into(i, key, start, stop, out[i])
+                target.copy_(as_rows(deltas[key][start:stop], True))
             if row_norms is not None:
-                torch.linalg.vector_norm(out[i], dim=1, out=row_norms[i])
-        if staging is not None:
-            free.append(staging)
+                torch.linalg.vector_norm(target, dim=1, out=row_norms[i])
+        for buffer, _ in staging.values():
+            self._free[(tuple(buffer.shape), buffer.dtype, _CPU)].append(buffer)
 
     def release(self, tensors: Sequence[torch.Tensor]) -> None:
         """Recycle the converted buffers among `tensors` (others, e.g. the caller's tensors, are left alone)."""
@@ -233,7 +228,7 @@ class UpdateStream:
         if not math.isfinite(total):  # NaN/Inf propagate into the norms; find which tensor and why
             for key, t in zip(keys, tensors):
                 if not math.isfinite(float(row_sq_norm(t).sum())):
-                    raise ContentRejected({i: check_tensor_values(key, t) or f"the norm of {key!r} overflows float32"})
+                    raise ContentRejected({i: non_finite_reason([key], [t], key)})
         scale = float(self.clip[i])
         if self.track_norms:
             self.squared_norms[i] += total * scale * scale
