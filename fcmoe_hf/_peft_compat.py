@@ -1,9 +1,11 @@
 """The one place that registers MoE-LoRA with peft.
 
 `peft.utils.register_peft_method` only accepts names from peft's closed `PeftType` enum, so the method is registered by
-writing its stable string key into peft's mappings directly. `PeftType` is a `str` enum, so peft's own lookups by
-`config.peft_type` (a plain string after `PeftConfig.from_pretrained`) hit these entries, and a saved adapter
-round-trips through `PeftModel.from_pretrained` with no fcmoe_hf-specific loading code, once `fcmoe_hf` is imported.
+writing its stable key, `MOE_LORA_PEFT_TYPE` (a `str` subclass with the `value` / `name` of an enum member, see
+`fcmoe_hf.tuners.moe_lora.config`), into peft's mappings directly. `PeftType` is a `str` enum and the key hashes and
+compares as the plain string "MOE_LORA", so peft's own lookups (by `config.peft_type`, or by the string read from
+`adapter_config.json`) hit these entries, and a saved adapter round-trips through `PeftModel.from_pretrained` with no
+fcmoe_hf-specific loading code, once `fcmoe_hf` is imported.
 """
 
 from __future__ import annotations

@@ -368,3 +368,38 @@ def test_merge_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="cannot be merged"):
         model.merge_and_unload()
     assert VOCAB == model.get_base_model().config.vocab_size
+
+
+def test_peft_type_reads_like_a_peft_type_member(tmp_path, batch):
+    """peft reads `config.peft_type.value` / `.name` (error messages, hotswap, mixed models): they must work for
+    MoE-LoRA, while the type stays the string "MOE_LORA" on disk and as a mapping key."""
+    import json
+
+    from peft import PeftMixedModel
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils.hotswap import hotswap_adapter
+
+    config = MoELoraConfig(r=2, num_experts=2, top_k=1)
+    for peft_type in (config.peft_type, MOE_LORA_PEFT_TYPE):
+        assert peft_type.value == peft_type.name == "MOE_LORA" and type(peft_type.value) is str
+        assert peft_type == "MOE_LORA" and hash(peft_type) == hash("MOE_LORA") and f"{peft_type}" == "MOE_LORA"
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["MOE_LORA"] is MoELoraConfig
+    assert type(config.to_dict()["peft_type"]) is str
+    edited = MoELoraConfig()
+    edited.peft_type = "MOE_LORA"  # a plain string assigned by hand stays usable
+    assert edited.peft_type.value == "MOE_LORA"
+
+    model = get_peft_model(build_model(tiny_llama_config()), config)
+    model.save_pretrained(tmp_path / "adapter")
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["peft_type"] == "MOE_LORA"
+    assert PeftConfig.from_pretrained(tmp_path / "adapter").peft_type.value == "MOE_LORA"
+    loaded = PeftModel.from_pretrained(build_model(tiny_llama_config()), tmp_path / "adapter")
+    assert loaded.peft_type.value == loaded.active_peft_config.peft_type.value == "MOE_LORA"
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=0, atol=0)
+
+    # Real peft paths that format `peft_type.value` into their error messages.
+    with pytest.raises(ValueError, match="Hotswapping only supports .* MOE_LORA was passed"):
+        hotswap_adapter(loaded, str(tmp_path / "adapter"), adapter_name="default", torch_device="cpu")
+    with pytest.raises(ValueError, match="'MOE_LORA' is not compatible with the `PeftMixedModel`"):
+        PeftMixedModel(build_model(tiny_llama_config()), MoELoraConfig(r=2, num_experts=2, top_k=1))

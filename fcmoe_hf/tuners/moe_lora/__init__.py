@@ -1,4 +1,9 @@
-from .config import MOE_LORA_PEFT_TYPE, TRANSFORMERS_MODELS_TO_MOE_LORA_TARGET_MODULES_MAPPING, MoELoraConfig
+from .config import (
+    MOE_LORA_PEFT_TYPE,
+    TRANSFORMERS_MODELS_TO_MOE_LORA_TARGET_MODULES_MAPPING,
+    MoELoraConfig,
+    PeftTypeName,
+)
 from .layer import Linear, MoELoraLayer, RoutingContext, RoutingStatistics
 from .model import MoELoraModel
 from .router import RouterOutput, dispatch_statistics, load_balancing_loss, route, route_logits, router_z_loss
@@ -10,6 +15,7 @@ __all__ = [
     "MoELoraConfig",
     "MoELoraLayer",
     "MoELoraModel",
+    "PeftTypeName",
     "RouterOutput",
     "RoutingContext",
     "RoutingStatistics",

@@ -1,4 +1,13 @@
-"""Configuration of the MoE-LoRA adapter (a Mixture of LoRA Experts with a token-level top-k router)."""
+"""Configuration of the MoE-LoRA adapter (a Mixture of LoRA Experts with a token-level top-k router).
+
+MoE-LoRA's `peft_type` is a [`PeftTypeName`]: peft's `PeftType` is a closed `str` enum, and peft's own code reads
+`config.peft_type.value` (error messages of `PeftModel`, `PeftMixedModel` and the hotswap checks), which a bare string
+lacks. Adding a member to `PeftType` at runtime would need Python's private enum internals
+(`_member_map_`, `_value2member_map_`, ...), which change between Python versions, and would alter a third-party
+enum for every user of the process. A `str` subclass with the two attributes an enum member has (`value`, `name`)
+needs neither: it compares and hashes as the plain string, so peft's mappings (keyed by `PeftType` members, themselves
+`str`) and JSON files see "MOE_LORA" exactly as before.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +16,28 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+
+class PeftTypeName(str):
+    """A peft type name outside peft's `PeftType` enum that reads like one of its members.
+
+    Equal to, hashed as and serialised as the plain string; `value` and `name` return that plain string, as
+    `PeftType.LORA.value` / `.name` return `"LORA"`.
+    """
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+
 #: The peft type name this method is registered under (see `fcmoe_hf._peft_compat`). Stable: it is written into
 #: every saved `adapter_config.json`.
-MOE_LORA_PEFT_TYPE = "MOE_LORA"
+MOE_LORA_PEFT_TYPE = PeftTypeName("MOE_LORA")
 
 _DENSE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # On MoE bases the FFN experts are fused 3-D parameters (transformers >= 5) and `mlp.gate` is the base's own router:
@@ -114,6 +142,13 @@ class MoELoraConfig(PeftConfig):
         default=None, metadata={"help": "Name of the layer list, used together with layers_to_transform."}
     )
 
+    def __setattr__(self, name, value):
+        # Keep `peft_type` a PeftTypeName when a plain "MOE_LORA" is assigned (a config edited by hand or by a tool
+        # that sets attributes from a loaded JSON dict), so `.value` keeps working.
+        if name == "peft_type" and value == MOE_LORA_PEFT_TYPE:
+            value = MOE_LORA_PEFT_TYPE
+        super().__setattr__(name, value)
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = MOE_LORA_PEFT_TYPE
@@ -144,6 +179,12 @@ class MoELoraConfig(PeftConfig):
             )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("MoELoraConfig.layers_to_transform cannot be used when target_modules is a regex str.")
+
+    def to_dict(self) -> dict:
+        """The config as a dictionary, with `peft_type` as a plain `str` (what any serialiser can write)."""
+        output = super().to_dict()
+        output["peft_type"] = str.__str__(output["peft_type"])
+        return output
 
     @property
     def renormalize(self) -> bool:
