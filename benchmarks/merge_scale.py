@@ -61,7 +61,8 @@ def generate(args, root: str, num_clients: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from fcmoe_hf.federated import ClientUpdate, expert_group_of
+    from fcmoe_hf.federated import ClientUpdate
+    from fcmoe_hf.federated.layout import expert_group_of
 
     torch.set_num_threads(args.threads)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.update_dtype]
@@ -120,7 +121,8 @@ def worker(method: str, root: str, k: int, threads: int) -> None:
     """Child process: merge the first `k` updates with `method`; print timings as JSON on the last line."""
     import torch
 
-    from fcmoe_hf.federated import ClientUpdate, FCMoEAggregator, FedAvgAggregator, LazySafetensors
+    from fcmoe_hf.federated import ClientUpdate, FCMoEAggregator, FedAvgAggregator
+    from fcmoe_hf.federated.io import LazySafetensors
 
     torch.set_num_threads(threads)
     ready = resource.getrusage(resource.RUSAGE_SELF)

@@ -40,7 +40,7 @@ from .data import (
     tokenize_for_causal_lm,
 )
 from .federated import Aggregator, ClientUpdate, build_aggregator
-from .federated.retention import retained_start
+from .federated import retained_start
 from .hub import render_model_card, save_adapter
 from .reporting import RoundLogger, plot_conflict_heatmap, plot_metrics, truncate_jsonl
 from .trainer import FederatedMoETrainer, FederatedMoETrainingArguments, get_federated_state, set_federated_state

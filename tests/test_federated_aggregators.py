@@ -8,7 +8,6 @@ import torch
 from transformers import HfArgumentParser
 
 from fcmoe_hf.federated import (
-    AGGREGATORS,
     AggregationResult,
     ClientUpdate,
     FCMoEAggregator,
@@ -19,8 +18,9 @@ from fcmoe_hf.federated import (
     aggregator_config_class,
     available_aggregators,
     build_aggregator,
-    retention_residual,
 )
+from fcmoe_hf.federated.aggregators import AGGREGATORS
+from fcmoe_hf.federated.functional.retention import retention_residual
 
 GROUP = "model.layers.0.mlp.experts"
 X, Y, GATE = f"{GROUP}.gate_up_proj", f"{GROUP}.down_proj", "model.layers.0.mlp.gate.weight"
@@ -421,7 +421,7 @@ def test_inputs_never_mutated(name, overrides, dtype):
 def test_streaming_from_saved_updates_equals_in_memory(name, overrides, tmp_path):
     from safetensors.torch import save_file
 
-    from fcmoe_hf.federated import LazySafetensors
+    from fcmoe_hf.federated.io import LazySafetensors
 
     theta, updates = random_round(dtype=torch.bfloat16)
     save_file(theta, str(tmp_path / "adapter_model.safetensors"))
@@ -481,7 +481,7 @@ def test_merge_buffer_size_changes_nothing_but_reads():
 
 
 def test_update_stream_cache_respects_its_budget():
-    from fcmoe_hf.federated import UpdateStream
+    from fcmoe_hf.federated.io.stream import UpdateStream
 
     _, updates = random_round(k=3)
     stream = UpdateStream(updates, cache_bytes=100)
@@ -495,7 +495,7 @@ def test_update_stream_cache_respects_its_budget():
 
 
 def test_update_stream_recycles_only_its_own_buffers():
-    from fcmoe_hf.federated import UpdateStream
+    from fcmoe_hf.federated.io.stream import UpdateStream
 
     _, updates = random_round(k=2)
     half = [ClientUpdate(u.client_id, u.num_samples, {k: v.bfloat16() for k, v in u.deltas.items()}) for u in updates]
@@ -519,7 +519,7 @@ def test_lazy_safetensors_row_reads(tmp_path):
 
     from safetensors.torch import save_file
 
-    from fcmoe_hf.federated import LazySafetensors
+    from fcmoe_hf.federated.io import LazySafetensors
 
     tensors = {"a": torch.arange(24, dtype=torch.float32).view(4, 3, 2), "b": torch.arange(6).bfloat16().view(3, 2)}
     path = tmp_path / "t.safetensors"
@@ -546,7 +546,7 @@ def test_fcmoe_reads_each_saved_update_once(tmp_path, monkeypatch):
     """The consensus merge reads every byte of every update once (a fixed buffer of expert chunks), not twice."""
     from safetensors.torch import save_file
 
-    from fcmoe_hf.federated import LazySafetensors
+    from fcmoe_hf.federated.io import LazySafetensors
 
     theta, updates = random_round(k=5, dtype=torch.bfloat16)
     save_file(theta, str(tmp_path / "adapter_model.safetensors"))
@@ -576,7 +576,7 @@ def test_lazy_safetensors_without_offsets_reads_through_safetensors(tmp_path, mo
     """Hosts where the header offsets are not used (big-endian) read rows through safetensors' own loader."""
     from safetensors.torch import save_file
 
-    from fcmoe_hf.federated import LazySafetensors
+    from fcmoe_hf.federated.io import LazySafetensors
 
     tensors = {"a": torch.arange(12, dtype=torch.float32).view(3, 4).bfloat16()}
     save_file(tensors, str(tmp_path / "t.safetensors"))
@@ -592,8 +592,8 @@ def test_merge_closes_descriptors_and_stays_within_the_budget(tmp_path, monkeypa
     """A merge of lazily read updates leaves no descriptor open, and never keeps more than the process budget."""
     from safetensors.torch import save_file
 
-    from fcmoe_hf.federated import LazySafetensors
-    from fcmoe_hf.federated import updates as updates_module
+    from fcmoe_hf.federated.io import LazySafetensors
+    from fcmoe_hf.federated.io import safetensors as updates_module
 
     theta, updates = random_round(k=6, dtype=torch.bfloat16)
     save_file(theta, str(tmp_path / "adapter_model.safetensors"))

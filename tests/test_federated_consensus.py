@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fcmoe_hf.federated import (
+from fcmoe_hf.federated.functional.consensus import (
     conflict_coefficients,
     consensus_direction,
     consensus_merge,

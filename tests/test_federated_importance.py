@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fcmoe_hf.federated import (
-    ClientUpdate,
+from fcmoe_hf.federated import ClientUpdate
+from fcmoe_hf.federated.functional.importance import (
     active_experts,
     data_size_weights,
     importance_scores,

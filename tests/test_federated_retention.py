@@ -3,12 +3,10 @@
 import pytest
 import torch
 
-from fcmoe_hf.federated import (
-    ClientUpdate,
+from fcmoe_hf.federated import ClientUpdate, build_aggregator, retained_start
+from fcmoe_hf.federated.functional.retention import (
     apply_retention,
-    build_aggregator,
     residual_coefficients,
-    retained_start,
     retention_coefficients,
     retention_residual,
 )

@@ -6,17 +6,16 @@ import logging
 import pytest
 import torch
 
-from fcmoe_hf.federated import (
-    AGGREGATORS,
-    ClientUpdate,
+from fcmoe_hf.federated import ClientUpdate, build_aggregator
+from fcmoe_hf.federated.aggregators import AGGREGATORS
+from fcmoe_hf.federated.aggregators.kernels import weighted_pass
+from fcmoe_hf.federated.io.stream import UpdateStream
+from fcmoe_hf.federated.validation import (
     ContentRejected,
-    UpdateStream,
-    build_aggregator,
     check_update_structure,
     update_norm,
     validate_update,
     validate_updates,
-    weighted_pass,
 )
 
 GROUP = "base_model.model.model.layers.0.self_attn.q_proj"

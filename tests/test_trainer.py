@@ -189,7 +189,7 @@ def test_base_model_experts_update_and_counts(tmp_path):
 
 
 def test_start_round_applies_retention(tmp_path):
-    from fcmoe_hf.federated.retention import retained_start
+    from fcmoe_hf.federated import retained_start
 
     model = moe_model(init_lora_weights=False)
     trainer = FederatedMoETrainer(

@@ -1,7 +1,19 @@
-"""Server-side federated math: pure functions over tensors, no Trainer, no I/O inside the math."""
+"""The server side of a federation: client updates, their validation, the aggregators, and retention.
+
+```python
+from fcmoe_hf.federated import ClientUpdate, build_aggregator
+
+aggregator = build_aggregator("fcmoe")          # or "fedavg", "fedprox", "fedadam", "ties", "fedmoe", ...
+client_config = aggregator.configure_client(1)  # what the clients' local training needs this round
+result = aggregator.aggregate(global_state, [ClientUpdate.load(d) for d in update_dirs])
+```
+
+Layout: [`update`] (what crosses the network), [`layout`] (which tensors are experts), [`validation`] (every check of
+an update), [`functional`] (the math over tensors: importance, consensus projection, retention), [`io`] (reading
+updates from disk), [`aggregators`] (one module per strategy).
+"""
 
 from .aggregators import (
-    AGGREGATORS,
     AggregationResult,
     Aggregator,
     AggregatorConfig,
@@ -17,6 +29,7 @@ from .aggregators import (
     FedAvgMConfig,
     FedMoEAggregator,
     FedMoEConfig,
+    FedOptAggregator,
     FedOptConfig,
     FedProxAggregator,
     FedProxConfig,
@@ -24,7 +37,6 @@ from .aggregators import (
     FedYogiConfig,
     PFLMoEAggregator,
     PFLMoEConfig,
-    ResidualCoefficients,
     TiesAggregator,
     TiesConfig,
     aggregator_config_class,
@@ -32,69 +44,17 @@ from .aggregators import (
     build_aggregator,
     register_aggregator,
 )
-from .consensus import (
-    ConsensusDiagnostics,
-    conflict_coefficients,
-    consensus_direction,
-    consensus_merge,
-    consensus_statistics,
-    pairwise_projection,
-    pairwise_statistics,
-    project_onto_consensus,
-    projected_merge_scale,
-    row_dots,
-)
-from .importance import (
-    active_experts,
-    data_size_weights,
-    importance_scores,
-    importance_weights,
-    normalize_scores,
-    stack_statistics,
-)
-from .retention import (
-    RETENTION_MODES,
-    apply_retention,
-    residual_coefficients,
-    retained_start,
-    retention_basis,
-    retention_coefficients,
-    retention_residual,
-)
-from .streaming import ContentRejected, UpdateStream, dot_pass, weighted_pass
-from .updates import (
-    ClientUpdate,
-    ExpertKey,
-    LazySafetensors,
-    describe_tensor,
-    expert_group_of,
-    expert_norms,
-    group_keys,
-    parse_expert_key,
-)
-from .validation import (
-    RejectedUpdate,
-    check_tensor_values,
-    check_update_norm,
-    check_update_structure,
-    clip_factor,
-    global_expert_sizes,
-    measure_update,
-    require_min_clients,
-    update_norm,
-    validate_update,
-    validate_updates,
-)
+from .client_config import ClientConfig
+from .functional.retention import retained_start
+from .update import ClientUpdate
+from .validation import RejectedUpdate
 
 __all__ = [
-    "AGGREGATORS",
     "AggregationResult",
     "Aggregator",
     "AggregatorConfig",
+    "ClientConfig",
     "ClientUpdate",
-    "ConsensusDiagnostics",
-    "ContentRejected",
-    "ExpertKey",
     "FCMoEAggregator",
     "FCMoEConfig",
     "FedAdagradAggregator",
@@ -107,60 +67,20 @@ __all__ = [
     "FedAvgMConfig",
     "FedMoEAggregator",
     "FedMoEConfig",
+    "FedOptAggregator",
     "FedOptConfig",
     "FedProxAggregator",
     "FedProxConfig",
     "FedYogiAggregator",
     "FedYogiConfig",
-    "LazySafetensors",
     "PFLMoEAggregator",
     "PFLMoEConfig",
-    "RETENTION_MODES",
     "RejectedUpdate",
-    "ResidualCoefficients",
     "TiesAggregator",
     "TiesConfig",
-    "UpdateStream",
-    "active_experts",
     "aggregator_config_class",
-    "apply_retention",
     "available_aggregators",
     "build_aggregator",
-    "check_tensor_values",
-    "check_update_norm",
-    "check_update_structure",
-    "clip_factor",
-    "conflict_coefficients",
-    "consensus_direction",
-    "consensus_merge",
-    "consensus_statistics",
-    "data_size_weights",
-    "describe_tensor",
-    "dot_pass",
-    "expert_group_of",
-    "expert_norms",
-    "global_expert_sizes",
-    "group_keys",
-    "importance_scores",
-    "importance_weights",
-    "measure_update",
-    "normalize_scores",
-    "pairwise_projection",
-    "pairwise_statistics",
-    "parse_expert_key",
-    "project_onto_consensus",
-    "projected_merge_scale",
     "register_aggregator",
-    "require_min_clients",
-    "residual_coefficients",
     "retained_start",
-    "retention_basis",
-    "retention_coefficients",
-    "retention_residual",
-    "row_dots",
-    "stack_statistics",
-    "update_norm",
-    "validate_update",
-    "validate_updates",
-    "weighted_pass",
 ]

@@ -21,7 +21,9 @@ from typing import Optional
 
 import torch
 
-from .updates import ClientUpdate, describe_tensor, group_keys
+from .io.safetensors import describe_tensor
+from .layout import group_keys
+from .update import ClientUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,14 @@ class RejectedUpdate:
 
     client_id: str
     reason: str
+
+
+class ContentRejected(Exception):
+    """Raised inside a merge when client updates turn out to hold invalid values; `problems` maps index -> reason."""
+
+    def __init__(self, problems: dict[int, str]):
+        super().__init__("; ".join(f"client #{i}: {r}" for i, r in sorted(problems.items())))
+        self.problems = problems
 
 
 def _listed(keys: Sequence[str]) -> str:
@@ -140,6 +150,26 @@ def check_tensor_values(key: str, tensor: torch.Tensor) -> Optional[str]:
     if not bool(torch.isfinite(tensor).all()):
         return f"non-finite values (NaN or Inf) in {key!r}"
     return None
+
+
+def non_finite_reason(keys: Sequence[str], tensors: Sequence[torch.Tensor], what: str) -> str:
+    """Why tensors with a non-finite norm are invalid: the first key holding NaN/Inf, else `what`'s norm overflows."""
+    for key, t in zip(keys, tensors):
+        reason = check_tensor_values(key, t)
+        if reason is not None:
+            return reason
+    return f"the norm of {what!r} overflows float32"
+
+
+def check_global_state(global_state: Mapping[str, torch.Tensor]) -> None:
+    """Raise `ValueError` if the global state is empty, has a non-floating tensor or inconsistent expert groups."""
+    if len(global_state) == 0:
+        raise ValueError("The global state is empty.")
+    for key in global_state.keys():
+        _, dtype = describe_tensor(global_state, key)
+        if dtype is None or not dtype.is_floating_point:
+            raise ValueError(f"Global state tensor {key!r} has non-floating dtype {dtype}.")
+    global_expert_sizes(global_state)
 
 
 def check_update_norm(norm: float, max_update_norm: Optional[float]) -> Optional[str]:

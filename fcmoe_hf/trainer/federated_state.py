@@ -8,24 +8,20 @@ parameter names. Under DeepSpeed ZeRO-3 the parameters are gathered around every
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Mapping
 
 import torch
 from peft import PeftModel
 from torch import nn
 
-
-def _adapter_key(name: str, adapter_name: str) -> str:
-    name = name.replace(f".modules_to_save.{adapter_name}.", ".")
-    return re.sub(rf"\.{re.escape(adapter_name)}(?=\.|$)", "", name)
+from ..federated.layout import adapter_state_key
 
 
 def federated_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The trainable parameters of `model` keyed by federated (checkpoint) key, in module order."""
     if isinstance(model, PeftModel):
         adapter_name = model.active_adapter
-        return {_adapter_key(n, adapter_name): p for n, p in model.named_parameters() if p.requires_grad}
+        return {adapter_state_key(n, adapter_name): p for n, p in model.named_parameters() if p.requires_grad}
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 

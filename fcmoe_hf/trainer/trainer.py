@@ -14,8 +14,9 @@ import torch
 from peft import PeftModel
 from transformers import Trainer
 
-from ..federated.retention import retained_start
-from ..federated.updates import ClientUpdate
+from ..federated.functional.retention import retained_start
+from ..federated.layout import expert_group_key
+from ..federated.update import ClientUpdate
 from ..tuners.moe_lora import MoELoraModel
 from .arguments import FederatedClientArguments
 from .base_experts import base_expert_groups, count_routed_tokens
@@ -281,7 +282,7 @@ class FederatedMoEMixin:
         if moe is not None:
             adapter = moe.active_adapters[0]
             for name, layer in moe.moe_layers().items():
-                group = f"base_model.model.{name}"  # federated keys are relative to the PeftModel
+                group = expert_group_key(name)
                 stats = layer.routing_statistics.get(adapter)
                 if stats is None:
                     device = layer.moe_lora_A[adapter].device

@@ -1,4 +1,4 @@
-"""Local knowledge retention (FC-MoE, DESIGN.md §3 step 6): a client's residual re-anchored on the new global experts.
+"""Local knowledge retention (FC-MoE, arXiv:2606.15625, Eq. 5-6): a client's residual re-anchored on the new global experts.
 
 After a merge, client `i` does not restart from the new global experts `Theta[k]` alone but from
 `Theta[k] + lambda * R[i,k]`, keeping part of what it learned. Two readings of the residual are offered:
@@ -27,8 +27,8 @@ from typing import Optional
 
 import torch
 
+from ..layout import group_keys
 from .consensus import row_dots
-from .updates import group_keys
 
 RETENTION_MODES = ("projection", "filtered")
 
@@ -80,6 +80,7 @@ def retention_coefficients(
     *,
     mode: str = "projection",
     previous_global: Optional[Mapping[str, torch.Tensor]] = None,
+    scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Per expert group of `global_state`, the `(E,)` residual coefficients of a client's previous update.
 
@@ -89,6 +90,9 @@ def retention_coefficients(
         mode (`str`): `"projection"` (Eq. 5, default) or `"filtered"`.
         previous_global (`Mapping[str, torch.Tensor]`, *optional*): the global state the update started from;
             required by `"filtered"`.
+        scale (`float`): the factor the server scaled the update by before merging it (its norm clip,
+            `AggregationResult.update_scales`): the residual is that of the update the server merged. Both readings
+            are linear in the update for a positive factor, so this scales the coefficients.
 
     Raises:
         `KeyError`: naming the key, if the update lacks an expert tensor of the global state.
@@ -100,6 +104,8 @@ def retention_coefficients(
             raise KeyError(f"The previous update lacks expert tensor(s) {missing} of the global state.")
         basis = retention_basis(global_state, keys, mode, previous_global)
         out[group] = residual_coefficients([previous_deltas[key] for key in keys], basis, mode)
+    if scale != 1.0:
+        out = {group: c * scale for group, c in out.items()}
     return out
 
 
@@ -156,10 +162,13 @@ def retained_start(
     mode: str = "projection",
     previous_global: Optional[Mapping[str, torch.Tensor]] = None,
     coefficients: Optional[Mapping[str, torch.Tensor]] = None,
+    scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """A client's starting point for the next round: `Theta + lam * R` for expert tensors, `Theta` for shared ones.
 
-    The client's `start_round` and the server's personalized adapters both come from here. With no previous update
+    The one personalization path: a client's next starting point ([`FederatedMoEMixin.start_round`]), the
+    personalized adapter that is evaluated and the one that is saved ([`AggregationResult.personalized_state`], the
+    simulation's outputs) all come from here. With no previous update
     (first round, or a new client) and no coefficients, or with `lam == 0`, the start is the global state itself.
 
     Args:
@@ -171,7 +180,9 @@ def retained_start(
         previous_global (`Mapping[str, torch.Tensor]`, *optional*): the global state the previous update started from;
             required by `"filtered"`.
         coefficients (`Mapping[str, torch.Tensor]`, *optional*): precomputed `{group: (E,)}` coefficients (e.g. the
-            server's `AggregationResult.residuals[client_id]`).
+            server's `AggregationResult.residuals[client_id]`, already scaled).
+        scale (`float`): the server's scale factor of the previous update (`AggregationResult.update_scales`; 1.0
+            when it was not clipped); see [`retention_coefficients`].
 
     Returns:
         `dict[str, torch.Tensor]` keyed as `global_state`.
@@ -185,5 +196,7 @@ def retained_start(
     if coefficients is None:
         if previous_deltas is None or lam == 0:
             return {key: global_state[key] for key in global_state.keys()}
-        coefficients = retention_coefficients(previous_deltas, global_state, mode=mode, previous_global=previous_global)
+        coefficients = retention_coefficients(
+            previous_deltas, global_state, mode=mode, previous_global=previous_global, scale=scale
+        )
     return apply_retention(global_state, coefficients, lam, mode=mode, previous_global=previous_global)

@@ -1,20 +1,14 @@
-"""Streaming passes over client updates: a merge holds one expert group (or one shared tensor) at a time.
+"""Reading the updates of one merge, tensor by tensor or chunk of experts by chunk, into recycled float32 buffers.
 
-The aggregators never hold every client's full adapter. They walk the global state group by group (and shared tensor
-by shared tensor) and, for each, read the clients' tensors one client at a time from their (possibly lazy,
-safetensors-backed) `deltas`, folding each into a float32 accumulator of one group's size ([`weighted_pass`]). Peak
-memory is the output state plus a few groups' worth of buffers, flat in the number of clients K.
+A merge never holds every client's full adapter. It walks the global state group by group (and shared tensor by shared
+tensor) and reads the clients' tensors one client at a time from their (possibly lazy, safetensors-backed) `deltas`
+([`UpdateStream`]), or reads a chunk of experts of every client into one fixed float32 buffer ([`ChunkArena`],
+[`read_stacked_rows`]): the expert rows of a group are contiguous on disk, so each update is read once, in forward
+order. What is done with the values is the aggregators' business (`fcmoe_hf.federated.aggregators.kernels`).
 
-A merge that needs every client's update twice (FC-MoE: the consensus, then each update's dot product with it) reads
-a chunk of experts of every client into one fixed float32 buffer instead ([`ChunkArena`], [`read_stacked_rows`]; as
-many experts as the budget holds for K clients): the expert rows of a group are contiguous on disk, so each update is
-read from disk exactly once, in forward order, and both uses are served from memory. When not even one expert of
-every client fits, [`weighted_pass`] and [`dot_pass`] read the group twice, the second time from float32 copies kept
-within a fixed budget ([`UpdateStream`]'s `cache_bytes`) and beyond it from the OS page cache.
-
-Values are checked on the first read of each tensor of a merge: a client with NaN/Inf (found through its norms, or
-through a non-finite accumulator when norms are not needed) is reported with [`ContentRejected`], and the aggregator
-restarts the merge without it, so a round with a bad update costs one more merge and a valid round costs nothing.
+Values are checked on the first read of each tensor of a merge: a client with NaN/Inf is reported with
+[`~fcmoe_hf.federated.validation.ContentRejected`] and the aggregator restarts the merge without it, so a round with a
+bad update costs one more merge and a valid round costs nothing.
 
 Client updates may be clipped: a factor `clip[i]` scales client `i`'s whole update. It is folded into the weights and
 statistics instead of scaling tensors, so no scaled copy of an update is ever made.
@@ -23,41 +17,23 @@ statistics instead of scaling tensors, so no scaled copy of an update is ever ma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Optional
 
 import torch
 
-from .consensus import row_dot
-from .updates import ClientUpdate, LazySafetensors
-from .validation import check_tensor_values
+from ..update import ClientUpdate
+from ..validation import ContentRejected, check_tensor_values, non_finite_reason
+from .safetensors import LazySafetensors
 
-#: Accumulators and working copies are float32 whatever the updates' dtype (bf16 updates are upcast on read).
 ACCUMULATE_DTYPE = torch.float32
 _CPU = torch.device("cpu")
-
-
-class ContentRejected(Exception):
-    """Raised inside a merge when client updates turn out to hold invalid values; `problems` maps index -> reason."""
-
-    def __init__(self, problems: dict[int, str]):
-        super().__init__("; ".join(f"client #{i}: {r}" for i, r in sorted(problems.items())))
-        self.problems = problems
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory (for reading file bytes straight into it)."""
     return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
 
-
-def non_finite_reason(keys: Sequence[str], tensors: Sequence[torch.Tensor], what: str) -> str:
-    """Why tensors with a non-finite norm are invalid: the first key holding NaN/Inf, else `what`'s norm overflows."""
-    for key, t in zip(keys, tensors):
-        reason = check_tensor_values(key, t)
-        if reason is not None:
-            return reason
-    return f"the norm of {what!r} overflows float32"
 
 
 def as_rows(tensor: torch.Tensor, expert_rows: bool) -> torch.Tensor:
@@ -248,138 +224,6 @@ class UpdateStream:
     def norms(self) -> list[float]:
         """The tracked L2 norm of every client's update (clipped), over everything read so far."""
         return [math.sqrt(v) for v in self.squared_norms.tolist()]
-
-
-@dataclass
-class WeightedSum:
-    """The result of [`weighted_pass`] over one group (or one shared tensor).
-
-    The sums are not normalised: the weighted mean is `sums * inverse_total()` per row, which callers fold into the
-    one operation that writes the new global tensor (no separate pass to divide).
-
-    Args:
-        sums (`list[torch.Tensor]`): per key, the `(R, D)` float32 `sum_i score[i] clip[i] Delta_i`.
-        scores (`torch.Tensor` of shape `(K, R)`): the unnormalised per-row scores used, float64.
-        norms (`torch.Tensor` of shape `(K, R)`, *optional*): per-row norms of the clipped updates, when computed.
-    """
-
-    sums: list[torch.Tensor]
-    scores: torch.Tensor
-    norms: Optional[torch.Tensor]
-
-    def inverse_total(self) -> torch.Tensor:
-        """`(R,)` float64 `1 / sum_i score[i]`, and 0 for rows nobody contributed to (their sums are exactly 0)."""
-        total = self.scores.sum(dim=0)
-        return torch.where(total > 0, 1.0 / torch.where(total > 0, total, 1.0), 0.0)
-
-
-ScoreFn = Callable[[int, Optional[torch.Tensor]], torch.Tensor]
-
-
-def weighted_pass(
-    stream: UpdateStream,
-    keys: Sequence[str],
-    shapes: Sequence[torch.Size],
-    *,
-    expert_rows: bool,
-    score_fn: ScoreFn,
-    need_norms: bool,
-    keep: bool = False,
-    device: torch.device = _CPU,
-) -> WeightedSum:
-    """One streaming read of every client's `keys`: the score-weighted sum of their updates, row by row.
-
-    Args:
-        stream ([`UpdateStream`]): the updates.
-        keys (`Sequence[str]`): the tensors of one expert group (or a single shared tensor).
-        shapes (`Sequence[torch.Size]`): their shapes (the global state's).
-        expert_rows (`bool`): one score per expert (dimension 0) if `True`, one per tensor if `False`.
-        score_fn (`Callable`): `score_fn(i, norms_i)` -> `(R,)` (or a 0-d tensor: one for every row) non-negative
-            scores of client `i`, given its per-row clipped norms (`None` when `need_norms` is `False`).
-        need_norms (`bool`): compute per-row norms (importance needs them; they also check values).
-        keep (`bool`): a second read of the same keys follows ([`dot_pass`]): keep clients' float32 copies within
-            the stream's cache budget so it need not read and convert them again.
-        device (`torch.device`): where to accumulate.
-    """
-    k = len(stream)
-    stream.clear_cache()
-    num_rows = rows_shape(shapes[0], expert_rows)[0]
-    sums: list[Optional[torch.Tensor]] = [None] * len(keys)
-    scores = torch.zeros(k, num_rows, dtype=torch.float64)
-    norms = torch.zeros(k, num_rows, dtype=torch.float64) if need_norms else None
-    # Tensors used more than once are converted to float32 once; a tensor only summed is summed as stored (bf16
-    # updates: the kernel upcasts on the fly, without a float32 copy).
-    reused = keep or need_norms or stream.track_norms
-    unchecked: list[int] = []
-    for i, tensors in stream.clients(range(k), keys, device, expert_rows, ACCUMULATE_DTYPE if reused else None):
-        kept = keep and stream.keep(i, tensors)
-        row_norms = stream.check(i, keys, tensors, need_norms)
-        if norms is not None:
-            norms[i] = row_norms
-        score = score_fn(i, row_norms).double()
-        scores[i] = score
-        if score.dim() == 0:  # one weight for the whole client (data size): a scalar multiply-add
-            coefficient = float(score) * float(stream.clip[i])
-            nonzero = all_nonzero = coefficient != 0
-        else:
-            coefficient = (score * stream.clip[i]).to(device=device, dtype=ACCUMULATE_DTYPE).unsqueeze(1)
-            values = score.tolist()  # E numbers: Python is cheaper than two more tensor reductions
-            nonzero, all_nonzero = any(values), all(values)
-        if row_norms is None and not all_nonzero:
-            unchecked.append(i)  # a zero weight hides NaNs from the accumulator check below
-        if nonzero:
-            for j, t in enumerate(tensors):
-                if sums[j] is None:  # the first contribution allocates the sum (float32 even for bf16 updates)
-                    sums[j] = t.to(ACCUMULATE_DTYPE) * coefficient
-                elif isinstance(coefficient, float):
-                    sums[j].add_(t, alpha=coefficient)
-                else:
-                    sums[j].addcmul_(t, coefficient)
-        if not kept:
-            stream.release(tensors)
-    out = [
-        s if s is not None else torch.zeros(rows_shape(shape, expert_rows), dtype=ACCUMULATE_DTYPE, device=device)
-        for s, shape in zip(sums, shapes)
-    ]
-    if norms is None:
-        # A sum is finite iff its total is (NaN and Inf propagate); a total that overflows is confirmed elementwise.
-        bad = [j for j, s in enumerate(out) if not math.isfinite(float(s.sum())) and not bool(torch.isfinite(s).all())]
-        problems = stream.find_problems([keys[j] for j in bad]) if bad else {}
-        problems.update(stream.find_problems(keys, [i for i in unchecked if i not in problems]))
-        if problems:
-            raise ContentRejected(problems)
-        if bad:
-            raise ValueError(f"The weighted sum of {[keys[j] for j in bad]} overflowed float32 with finite inputs.")
-    return WeightedSum(sums=out, scores=scores, norms=norms)
-
-
-def dot_pass(
-    stream: UpdateStream,
-    keys: Sequence[str],
-    indices: Sequence[int],
-    vectors: Sequence[Sequence[torch.Tensor]],
-    *,
-    expert_rows: bool,
-    device: torch.device = _CPU,
-) -> torch.Tensor:
-    """A second streaming read: `(K, V, R)` float64 dot products of clients' (clipped) updates with `V` vectors.
-
-    Args:
-        stream ([`UpdateStream`]): the updates.
-        keys (`Sequence[str]`): the tensors of one expert group.
-        indices (`Sequence[int]`): the clients to read; the others' rows stay 0.
-        vectors (`Sequence[Sequence[torch.Tensor]]`): `V` vectors, each a list of float32 2-D tensors paired with
-            `keys` (e.g. the consensus `g` and the previous global `Theta`).
-        expert_rows (`bool`): per-expert rows if `True`.
-        device (`torch.device`): where the vectors live.
-    """
-    out = torch.zeros(len(stream), len(vectors), vectors[0][0].shape[0], dtype=torch.float64)
-    for i, tensors in stream.clients(indices, keys, device, expert_rows):
-        for v, vector in enumerate(vectors):
-            out[i, v] = sum(row_dot(t, b) for t, b in zip(tensors, vector, strict=True)) * stream.clip[i]
-        stream.release(tensors)
-    stream.clear_cache()  # clients not read this time (no weight) may still hold kept tensors
-    return out
 
 
 def experts_per_chunk(num_clients: int, expert_numel: int, budget_bytes: int) -> int:

@@ -1,4 +1,4 @@
-"""Importance-aware expert weights (FC-MoE, DESIGN.md §3 steps 2-3) and the data-size weights of the ablation.
+"""Importance-aware expert weights (FC-MoE, arXiv:2606.15625, Eq. 2-3) and the data-size weights of the ablation.
 
 For client `i` and expert `k`, the importance is `c[i,k] = f[i,k] * ||Delta[i,k]||`: how often the client's router
 sent tokens to the expert, times how far the client moved it. The merge weights are `w[i,k] = c[i,k] / sum_j c[j,k]`:
@@ -10,12 +10,23 @@ Every function works on `(K, E)` matrices (clients x experts of one expert group
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Union
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Union
 
 import torch
 
-from .updates import ClientUpdate
+if TYPE_CHECKING:
+    from ..update import ClientUpdate
+
+
+def expert_norms(tensors: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
+    """`(E,)` L2 norm of each expert's concatenated parameters over the group's tensors `keys` (computed in fp32+)."""
+    squared = None
+    for key in keys:
+        t = tensors[key]
+        part = t.reshape(t.shape[0], -1).double().square().sum(dim=1)
+        squared = part if squared is None else squared + part
+    return squared.sqrt()
 
 
 def stack_statistics(updates: Sequence[ClientUpdate], group: str, num_experts: int, field: str = "activation_counts") -> torch.Tensor:

@@ -1,13 +1,7 @@
-"""What a client sends to the server after a round: per-tensor deltas, expert activation counts, sample count.
+"""A lazy, read-only mapping over a safetensors file: tensors (or ranges of their rows) read from disk on access.
 
-Keys are the adapter's checkpoint keys (as `get_peft_model_state_dict` / `adapter_model.safetensors` name them, e.g.
-`base_model.model.model.layers.3.self_attn.q_proj.moe_lora_A`) or, when a client trains an MoE base model's own
-experts, the base model's parameter names (e.g. `model.layers.3.mlp.experts.gate_up_proj`).
-
-An *expert group* is the set of tensors whose dimension 0 indexes the same experts: `moe_lora_A` and `moe_lora_B` of
-one adapted module, or the fused expert parameters of one MoE block. Expert `k` of a group is the concatenation of
-`tensor[k]` over the group's tensors (DESIGN.md §3: "Delta[i,k] is the flattened vector of all of expert k's
-parameters"). Every other tensor (routers, norms, heads) is a *shared* tensor, averaged FedAvg-style.
+The server streams clients' updates tensor by tensor, and row range by row range, instead of holding every update in
+memory. Nothing here does arithmetic.
 """
 
 from __future__ import annotations
@@ -15,21 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 import sys
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-
-UPDATE_TENSORS_FILE = "update.safetensors"
-UPDATE_COUNTS_FILE = "activation_counts.safetensors"
-UPDATE_META_FILE = "update.json"
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -43,68 +30,6 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-_MOE_LORA_EXPERT = re.compile(r"^(?P<group>.+)\.(?P<param>moe_lora_A|moe_lora_B)$")
-_BASE_EXPERT = re.compile(r"^(?P<group>.+\.experts)\.(?P<param>[^.]+)$")
-_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
-
-
-class ExpertKey(NamedTuple):
-    """A parsed expert tensor key: its group, the layer index (or -1), the adapted module, the parameter name."""
-
-    group: str
-    layer: int
-    module: str
-    param: str
-
-
-def parse_expert_key(key: str) -> Optional[ExpertKey]:
-    """Parse `key` into an [`ExpertKey`] if it names an expert tensor, else return `None` (a shared tensor).
-
-    Example: `base_model.model.model.layers.3.self_attn.q_proj.moe_lora_A` ->
-    `ExpertKey(group='base_model.model.model.layers.3.self_attn.q_proj', layer=3, module='self_attn.q_proj',
-    param='moe_lora_A')`.
-    """
-    match = _MOE_LORA_EXPERT.match(key) or _BASE_EXPERT.match(key)
-    if match is None:
-        return None
-    group = match["group"]
-    layer_match = list(_LAYER_INDEX.finditer(group + "."))
-    if layer_match:
-        last = layer_match[-1]
-        layer, module = int(last.group(1)), (group + ".")[last.end() :].rstrip(".")
-    else:
-        layer, module = -1, group
-    return ExpertKey(group=group, layer=layer, module=module, param=match["param"])
-
-
-def expert_group_of(key: str) -> Optional[str]:
-    """The expert group `key` belongs to, or `None` for a shared (non-expert) tensor."""
-    parsed = parse_expert_key(key)
-    return parsed.group if parsed is not None else None
-
-
-def group_keys(keys) -> tuple[dict[str, list[str]], list[str]]:
-    """Split tensor keys into `({group: [expert tensor keys]}, [shared tensor keys])`, order preserved."""
-    groups: dict[str, list[str]] = {}
-    shared: list[str] = []
-    for key in keys:
-        group = expert_group_of(key)
-        if group is None:
-            shared.append(key)
-        else:
-            groups.setdefault(group, []).append(key)
-    return groups, shared
-
-
-def expert_norms(tensors: Mapping[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
-    """`(E,)` L2 norm of each expert's concatenated parameters over the group's tensors `keys` (computed in fp32+)."""
-    squared = None
-    for key in keys:
-        t = tensors[key]
-        part = t.reshape(t.shape[0], -1).double().square().sum(dim=1)
-        squared = part if squared is None else squared + part
-    return squared.sqrt()
 
 
 def describe_tensor(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[torch.Size, Optional[torch.dtype]]:
@@ -344,107 +269,3 @@ files they merged) or garbage collection, within a process-wide budget (see `_De
         return key in self._info
 
 
-@dataclass
-class ClientUpdate:
-    """One client's contribution to a round. It contains no raw data.
-
-    Args:
-        client_id (`str`): who sent it.
-        num_samples (`int`): number of training samples the client used (FedAvg weight of shared tensors).
-        deltas (`Mapping[str, torch.Tensor]`): `theta_end - theta_start` for every trainable tensor, keyed as the
-            global state is. May be lazy ([`LazySafetensors`]) so the server can stream.
-        activation_counts (`dict[str, torch.Tensor]`): per expert group, `(E,)` number of tokens the client's router
-            sent to each expert during local training (`f[i,k]`).
-        mean_gate (`dict[str, torch.Tensor]`): per expert group, `(E,)` mean router probability of each expert on the
-            client's data (used by usage-thresholded expert averaging); optional.
-        round (`int`, *optional*): the round this update belongs to.
-        metrics (`dict`): training metrics (loss, aux loss, runtime, ...).
-    """
-
-    client_id: str
-    num_samples: int
-    deltas: Mapping[str, torch.Tensor]
-    activation_counts: dict[str, torch.Tensor] = field(default_factory=dict)
-    mean_gate: dict[str, torch.Tensor] = field(default_factory=dict)
-    round: Optional[int] = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def expert_groups(self) -> dict[str, list[str]]:
-        """`{group: [tensor keys]}` for the expert tensors among `deltas`."""
-        return group_keys(self.deltas.keys())[0]
-
-    @property
-    def shared_keys(self) -> list[str]:
-        """Keys of the non-expert tensors among `deltas`."""
-        return group_keys(self.deltas.keys())[1]
-
-    def expert_norms(self) -> dict[str, torch.Tensor]:
-        """Per group, `(E,)` norms `||Delta[i,k]||` of the concatenated expert updates."""
-        return {group: expert_norms(self.deltas, keys) for group, keys in self.expert_groups.items()}
-
-    def importance(self) -> dict[str, torch.Tensor]:
-        """Per group, `(E,)` FC-MoE importance `c[i,k] = f[i,k] * ||Delta[i,k]||` (DESIGN.md §3 step 2).
-
-        A group without activation counts gets importance 0 for every expert (it was never routed to).
-        """
-        out = {}
-        for group, norms in self.expert_norms().items():
-            counts = self.activation_counts.get(group)
-            out[group] = norms * counts.double() if counts is not None else torch.zeros_like(norms)
-        return out
-
-    def save(self, directory: str | os.PathLike) -> str:
-        """Write the update as safetensors (deltas; counts) + JSON (everything else) into `directory`."""
-        os.makedirs(directory, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.deltas.items()}, os.path.join(directory, UPDATE_TENSORS_FILE))
-        counts = {f"activation_counts/{g}": c.detach().cpu() for g, c in self.activation_counts.items()}
-        counts.update({f"mean_gate/{g}": m.detach().cpu() for g, m in self.mean_gate.items()})
-        save_file(counts, os.path.join(directory, UPDATE_COUNTS_FILE))
-        meta = {"client_id": self.client_id, "num_samples": self.num_samples, "round": self.round, "metrics": _jsonable(self.metrics)}
-        with open(os.path.join(directory, UPDATE_META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-        return os.fspath(directory)
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike, lazy: bool = True) -> ClientUpdate:
-        """Read an update written by [`save`]. With `lazy=True` the deltas are memory-mapped on access."""
-        meta_path = os.path.join(directory, UPDATE_META_FILE)
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"Cannot read client update metadata {meta_path}: {err}") from err
-        for name in ("client_id", "num_samples"):
-            if name not in meta:
-                raise ValueError(f"Client update metadata {meta_path} lacks the field {name!r}.")
-        tensors_path = os.path.join(directory, UPDATE_TENSORS_FILE)
-        deltas = LazySafetensors(tensors_path)
-        if not lazy:
-            deltas = dict(deltas.items())
-        counts, gates = {}, {}
-        counts_path = os.path.join(directory, UPDATE_COUNTS_FILE)
-        if os.path.exists(counts_path):
-            for key, value in LazySafetensors(counts_path).items():
-                kind, _, group = key.partition("/")
-                (counts if kind == "activation_counts" else gates)[group] = value
-        return cls(
-            client_id=str(meta["client_id"]),
-            num_samples=int(meta["num_samples"]),
-            deltas=deltas,
-            activation_counts=counts,
-            mean_gate=gates,
-            round=meta.get("round"),
-            metrics=meta.get("metrics", {}),
-        )
-
-
-def _jsonable(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, torch.Tensor):
-            value = value.item() if value.numel() == 1 else value.tolist()
-        if isinstance(value, float) and not math.isfinite(value):
-            value = str(value)
-        out[key] = value
-    return out

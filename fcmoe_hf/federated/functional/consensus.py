@@ -1,4 +1,4 @@
-"""Gradient consensus projection (FC-MoE, DESIGN.md §3 steps 3-5), and a pairwise PCGrad-style variant.
+"""Gradient consensus projection (FC-MoE, arXiv:2606.15625, Eq. 3-5), and a pairwise PCGrad-style variant.
 
 Per expert `k`, with weights `w[i,k]` (importance or data size):
 
