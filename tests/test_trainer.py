@@ -254,3 +254,62 @@ def test_mixin_with_trl_sft_trainer(tmp_path):
     assert update.client_id == "sft_client" and update.num_samples == 8
     assert any("aux_loss" in entry for entry in trainer.state.log_history)
     assert all(int(c.sum()) > 0 for c in update.activation_counts.values())
+
+
+def test_plain_training_arguments_become_federated_arguments(tmp_path):
+    """A plain `TrainingArguments` is converted (as TRL's trainers convert theirs): `trainer.args` has the federated
+    fields at their documented defaults and every `TrainingArguments` value unchanged, tokens included."""
+    from dataclasses import fields
+
+    from fcmoe_hf.trainer import FederatedClientArguments
+
+    plain = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, learning_rate=3e-3, lr_scheduler_type="cosine", report_to=[],
+        use_cpu=True, save_strategy="no", hub_token="secret", per_device_train_batch_size=4,
+    )
+    for trainer in (
+        FederatedMoETrainer(model=moe_model(), args=plain, train_dataset=token_dataset(4), data_collator=pad_collator),
+        FederatedMoETrainer(moe_model(), plain, pad_collator, token_dataset(4)),  # positional, as Trainer allows
+    ):
+        assert isinstance(trainer.args, FederatedMoETrainingArguments)
+        for f in fields(FederatedClientArguments):
+            assert getattr(trainer.args, f.name) == f.default
+        assert trainer.args.hub_token == "secret"
+        converted = trainer.args.to_dict()
+        assert {k: converted[k] for k in plain.to_dict()} == plain.to_dict()
+    trainer.train()
+    assert trainer.client_update().client_id == "client_0"
+    assert isinstance(FederatedMoETrainer(model=moe_model()).args, FederatedMoETrainingArguments)
+
+
+def test_mixin_warns_once_about_missing_federated_fields(tmp_path, caplog):
+    """The mixin on another trainer whose config lacks the federated fields works with the defaults and says so once,
+    naming the fields and the dataclass to combine."""
+    import logging
+
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from fcmoe_hf.trainer import FederatedMoEMixin
+
+    class MixedTrainer(FederatedMoEMixin, Seq2SeqTrainer):
+        pass
+
+    other = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+        per_device_train_batch_size=4,
+    )
+    with caplog.at_level(logging.WARNING, logger="fcmoe_hf.trainer.trainer"):
+        for _ in range(2):
+            trainer = MixedTrainer(
+                model=moe_model(), args=other, train_dataset=token_dataset(4), data_collator=pad_collator
+            )
+        # FederatedMoETrainer cannot convert a subclass with fields of its own either: it keeps it and warns too.
+        kept = FederatedMoETrainer(model=moe_model(), args=other, train_dataset=token_dataset(4))
+    assert kept.args is other
+    warnings = [r.getMessage() for r in caplog.records if "no federated client fields" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "Seq2SeqTrainingArguments" in warnings[0] and "FederatedClientArguments" in warnings[0]
+    assert "proximal_mu" in warnings[0] and "retention_lambda" in warnings[0]
+    trainer.train()
+    update = trainer.client_update()
+    assert update.client_id == "client_0" and update.round == 0

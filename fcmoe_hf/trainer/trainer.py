@@ -6,23 +6,69 @@ can get it: `class FederatedSFTTrainer(FederatedMoEMixin, SFTTrainer): ...`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
+from dataclasses import fields
+from functools import cache
 from typing import Any, Optional
 
 import torch
 from peft import PeftModel
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from ..federated.functional.retention import retained_start
 from ..federated.layout import expert_group_key
 from ..federated.update import ClientUpdate
 from ..tuners.moe_lora import MoELoraModel
-from .arguments import FederatedClientArguments
+from .arguments import FederatedClientArguments, FederatedMoETrainingArguments
 from .base_experts import base_expert_groups, count_routed_tokens
 from .federated_state import federated_parameters, get_federated_state, set_federated_state
 
+logger = logging.getLogger(__name__)
+
 _DEFAULTS = FederatedClientArguments()
+_FEDERATED_FIELDS = tuple(f.name for f in fields(FederatedClientArguments))
+
+
+@cache
+def _warn_missing_federated_fields(config_name: str, missing: tuple[str, ...]) -> None:
+    # Once per config class: a client trainer is typically rebuilt every round.
+    logger.warning(
+        f"{config_name} has no federated client fields ({', '.join(missing)}): using their defaults "
+        f"({', '.join(f'{name}={getattr(_DEFAULTS, name)!r}' for name in missing)}). To set them, combine "
+        f"`FederatedClientArguments` with your config: `@dataclass class MyConfig(FederatedClientArguments, "
+        f"{config_name}): pass`."
+    )
+
+
+def _training_args_from_call(args: tuple, kwargs: dict):
+    # Trainer.__init__(model=None, args=None, ...): the arguments may come by keyword or second position.
+    return kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None)
+
+
+def _to_federated_training_arguments(args: Optional[TrainingArguments]):
+    """`args` as [`FederatedMoETrainingArguments`], the federated fields at their defaults.
+
+    `None` gives the defaults (with `Trainer`'s default `output_dir`). A plain `TrainingArguments` is converted as
+    TRL's trainers convert it into their configs (`to_dict()`, with the values `to_dict()` masks or serialises put
+    back). Arguments that already have the federated fields, and `TrainingArguments` subclasses with fields of their
+    own (which the conversion would drop), are returned unchanged.
+    """
+    if args is None:
+        return FederatedMoETrainingArguments(output_dir="tmp_trainer")
+    if isinstance(args, FederatedClientArguments) or not isinstance(args, TrainingArguments):
+        return args
+    dict_args = args.to_dict()
+    known = {f.name for f in fields(FederatedMoETrainingArguments) if f.init}
+    if not set(dict_args) <= known:
+        return args
+    for key in dict_args:
+        if key.endswith("_token"):  # to_dict hides tokens (hub_token)
+            dict_args[key] = getattr(args, key)
+    if getattr(args, "parallelism_config", None) is not None:  # to_dict writes it as a JSON string
+        dict_args["parallelism_config"] = args.parallelism_config
+    return FederatedMoETrainingArguments(**dict_args)
 
 
 class FederatedMoEMixin:
@@ -41,16 +87,19 @@ class FederatedMoEMixin:
       counts (reduced over all processes), importance, sample count and metrics.
 
     Federation settings are read from `self.args` ([`FederatedClientArguments`] fields); a config without them gets
-    the defaults.
+    the defaults, with a warning naming the missing fields (once per config class).
     """
 
     def __init__(self, *args, **kwargs):
-        training_args = kwargs.get("args")
+        training_args = _training_args_from_call(args, kwargs)
         if training_args is not None and training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
             # Reentrant checkpointing runs the first forward under no_grad: the router losses recorded there would carry
             # no gradient. The non-reentrant variant keeps them differentiable.
             training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__init__(*args, **kwargs)
+        missing = tuple(name for name in _FEDERATED_FIELDS if not hasattr(self.args, name))
+        if missing:
+            _warn_missing_federated_fields(type(self.args).__name__, missing)
         self._round_start: Optional[dict[str, torch.Tensor]] = None
         self._round_start_pending = False
         self._proximal_anchor: Optional[dict[str, torch.Tensor]] = None
@@ -348,8 +397,9 @@ class FederatedMoEMixin:
 class FederatedMoETrainer(FederatedMoEMixin, Trainer):
     """A drop-in `transformers.Trainer` for one federated client's local training of MoE-LoRA experts.
 
-    Same constructor and `train()` as `Trainer`; use [`FederatedMoETrainingArguments`] for the federation fields
-    (plain `TrainingArguments` work too, with the defaults). See [`FederatedMoEMixin`] for what it adds.
+    Same constructor and `train()` as `Trainer`; use [`FederatedMoETrainingArguments`] for the federation fields. A
+    plain `TrainingArguments` (or none) is converted into [`FederatedMoETrainingArguments`] with the federation fields
+    at their defaults, so `trainer.args` always has them. See [`FederatedMoEMixin`] for what it adds.
 
     Example:
 
@@ -360,3 +410,10 @@ class FederatedMoETrainer(FederatedMoEMixin, Trainer):
     >>> update = trainer.client_update()  # ClientUpdate on the main process, None elsewhere
     ```
     """
+
+    def __init__(self, *args, **kwargs):
+        if "args" in kwargs or len(args) < 2:
+            kwargs["args"] = _to_federated_training_arguments(kwargs.get("args"))
+        else:
+            args = (args[0], _to_federated_training_arguments(args[1]), *args[2:])
+        super().__init__(*args, **kwargs)
