@@ -43,6 +43,7 @@ _DENSE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 # On MoE bases the FFN experts are fused 3-D parameters (transformers >= 5) and `mlp.gate` is the base's own router:
 # MoE-LoRA adapts the attention projections only and leaves the base's routing untouched.
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_BERT = ["query", "key", "value", "dense"]
 
 #: Default `target_modules` per `model_type`, used when the config leaves `target_modules=None`.
 TRANSFORMERS_MODELS_TO_MOE_LORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
@@ -59,6 +60,23 @@ TRANSFORMERS_MODELS_TO_MOE_LORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "qwen2_moe": _ATTENTION,
     "qwen3_moe": _ATTENTION,
     "olmoe": _ATTENTION,
+    # Encoders: attention projections and every `dense` (attention output, FFN in/out, pooler). A SEQ_CLS head is in
+    # `modules_to_save`, which peft keeps out of the targets even when it holds a `dense` (RoBERTa, ELECTRA).
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "xlm-roberta-xl": _BERT,
+    "roberta-prelayernorm": _BERT,
+    "camembert": _BERT,
+    "data2vec-text": _BERT,
+    "electra": _BERT,
+    "ernie": _BERT,
+    "megatron-bert": _BERT,
+    "albert": ["query", "key", "value", "dense", "ffn", "ffn_output"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "mpnet": ["q", "k", "v", "o", "dense"],
+    "modernbert": ["Wqkv", "Wo", "Wi"],
 }
 
 
