@@ -164,10 +164,11 @@ class FederatedMoEMixin:
         previous_update: Optional[ClientUpdate] = None,
         federated_round: Optional[int] = None,
         previous_global: Optional[Mapping[str, torch.Tensor]] = None,
+        residual_scale: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """Load the round's starting point into the model and return it.
 
-        The start is `Theta + retention_lambda * R` for every expert (DESIGN.md §3 step 6), with `R` the retained
+        The start is `Theta + retention_lambda * R` for every expert (FC-MoE, arXiv:2606.15625, Eq. 6), with `R` the retained
         residual of `previous_update` under the new global `global_state` (computed by
         [`fcmoe_hf.federated.retained_start`], the same function the server uses for personalized adapters); shared
         tensors start from the global. Without a previous update, or with `retention_lambda=0`, the round starts from
@@ -179,6 +180,8 @@ class FederatedMoEMixin:
             federated_round: sets `args.federated_round` when given.
             previous_global: the global state `previous_update` started from, needed by `retention_mode="filtered"`;
                 defaults to the `global_state` of this trainer's previous `start_round`.
+            residual_scale: the factor the server scaled `previous_update` by before merging it (its norm clip,
+                `AggregationResult.update_scales[client_id]`), so that the residual is that of the merged update.
         """
         if federated_round is not None and hasattr(self.args, "federated_round"):
             self.args.federated_round = federated_round
@@ -194,6 +197,7 @@ class FederatedMoEMixin:
                 lam=lam,
                 mode=mode,
                 previous_global=previous_global if mode == "filtered" else None,
+                scale=residual_scale,
             )
         set_federated_state(self.model, start)
         # Only the filtered residual needs last round's global; keep the copy only then.

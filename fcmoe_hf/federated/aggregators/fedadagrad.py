@@ -10,7 +10,7 @@ from .registry import register_aggregator
 
 @dataclass
 class FedAdagradConfig(FedOptConfig):
-    """FedAdagrad: Flower's defaults `eta=0.1, beta_1=0.0 (no momentum), tau=1e-9`."""
+    """FedAdagrad: Flower's defaults `eta=0.1, beta_1=0.0 (no momentum), tau=1e-3`."""
 
     beta_1: float = field(default=0.0, metadata={"help": "First-moment decay beta_1 (0: no momentum)."})
 

@@ -15,7 +15,6 @@ class FedYogiConfig(FedOptConfig):
     """FedYogi: Flower's defaults `eta=0.01, beta_1=0.9, beta_2=0.99, tau=1e-3`."""
 
     server_learning_rate: float = field(default=0.01, metadata={"help": "Server learning rate eta."})
-    tau: float = field(default=1e-3, metadata={"help": "Adaptivity tau added to sqrt(v)."})
 
 
 
