@@ -17,16 +17,18 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fcmoe_hf.data import (
-    IGNORE_INDEX,
-    CategoryPromptEncoder,
     PartitionConfig,
     available_metrics,
-    compute_classification_metrics,
-    get_data_collator,
     load_bundled_fortunes,
     load_metric,
     load_text_dataset,
     partition_dataset,
+)
+from fcmoe_hf.tasks import (
+    IGNORE_INDEX,
+    CategoryPromptEncoder,
+    compute_classification_metrics,
+    get_data_collator,
     predict_categories,
     tokenize_for_category_prediction,
     tokenize_for_causal_lm,
@@ -231,6 +233,17 @@ def test_partition_config_validation_and_errors(fortunes):
 
 
 # ------------------------------------------------------------------------------------------------- task formats
+
+
+def test_task_functions_still_importable_from_data():
+    import fcmoe_hf.data as data
+    import fcmoe_hf.tasks as tasks
+
+    for name in data._MOVED_TO_TASKS:
+        assert getattr(data, name) is getattr(tasks, name)
+    from fcmoe_hf.data import evaluate_category_prediction, tokenize_for_causal_lm  # noqa: F401
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = data.nope
 
 
 def test_category_task_masks_prompt_and_labels_answer(tokenizer, toy_dataset):

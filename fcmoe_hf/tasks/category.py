@@ -1,67 +1,44 @@
-"""Task formats on a text/category corpus: causal-LM fine-tuning and instruction-style category prediction.
+"""Instruction-style category prediction with a causal LM, scored by likelihood (no generation).
 
-- [`tokenize_for_causal_lm`]: the text itself, loss on every token.
 - [`tokenize_for_category_prediction`]: `"Classify the quotation into one of: a, b, c.\\nQuotation: ...\\nCategory:"`
   followed by the answer `" <category>"` (and EOS); the prompt's labels are `-100`, so the loss is on the answer only.
 - [`predict_categories`] / [`evaluate_category_prediction`]: accuracy without generation. Every candidate category's
   continuation is scored by its log-likelihood after the prompt and the argmax is the prediction, the multiple-choice
   protocol of lm-evaluation-harness. The prompt is run once per example and its KV cache is shared by all candidates.
+- [`CategoryPredictionTask`]: the registered `"category"` [`~fcmoe_hf.tasks.Task`] built on them.
 
 Training and scoring build the prompt token ids with the same function, so what the model is trained to continue is
-exactly what is scored. Both tokenizations produce `input_ids`, `attention_mask` and `labels`; batch them with
-[`get_data_collator`] (transformers' `DataCollatorForSeq2Seq`, which pads `labels` with -100).
+exactly what is scored. Batch the training features with [`~fcmoe_hf.tasks.get_data_collator`].
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
 
-from .corpora import LABEL_COLUMN, TEXT_COLUMN
-from .metrics import load_metric
+from ..data.corpora import LABEL_COLUMN, TEXT_COLUMN
+from ._likelihood import score_full, score_with_cache
+from .base import Task, register_task
+from .common import (
+    IGNORE_INDEX,
+    check_text_column,
+    compute_classification_metrics,
+    eval_mode,
+    get_data_collator,
+    label_names_of,
+    model_device,
+    special_prefix,
+)
 
 #: Default prompt of the category prediction task. `{choices}` becomes the comma-separated category names and
 #: `{text}` the (truncated) text; the answer `" <category>"` follows the prompt.
 DEFAULT_CATEGORY_TEMPLATE = "Classify the quotation into one of: {choices}.\nQuotation: {text}\nCategory:"
-
-IGNORE_INDEX = -100
-
-
-def _label_names(dataset: Dataset, label_column: str, label_names: Optional[Sequence[str]]) -> list[str]:
-    if label_column not in dataset.column_names:
-        raise ValueError(f"label_column {label_column!r} not found; available columns: {dataset.column_names}")
-    if label_names is not None:
-        return list(label_names)
-    feature = dataset.features[label_column]
-    if not isinstance(feature, ClassLabel):
-        raise ValueError(
-            f"label_column {label_column!r} is not a ClassLabel ({feature}); pass label_names explicitly or load the "
-            "corpus with load_text_dataset"
-        )
-    return list(feature.names)
-
-
-def _check_text_column(dataset: Dataset, text_column: str) -> None:
-    if text_column not in dataset.column_names:
-        raise ValueError(f"text_column {text_column!r} not found; available columns: {dataset.column_names}")
-
-
-def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Special tokens the tokenizer puts before a text (e.g. BOS), so that pieces tokenized separately get them once."""
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    for start in range(len(with_special) - len(without) + 1):
-        if with_special[start : start + len(without)] == without:
-            return list(with_special[:start])
-    return []
 
 
 class CategoryPromptEncoder:
@@ -101,7 +78,7 @@ class CategoryPromptEncoder:
         head, tail = head.replace("{choices}", choices), tail.replace("{choices}", choices)
         stripped = head.rstrip(" ")
         self._text_prefix = head[len(stripped) :]
-        self._head_ids = _special_prefix(tokenizer) + self._encode(stripped)
+        self._head_ids = special_prefix(tokenizer) + self._encode(stripped)
         self._tail_ids = self._encode(tail)
         eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
         #: Token ids of every category's answer (`" <name>"` plus EOS), in label order.
@@ -162,8 +139,8 @@ def tokenize_for_category_prediction(
     Returns:
         `datasets.Dataset` with `input_ids`, `attention_mask`, `labels` (and `keep_columns`).
     """
-    _check_text_column(dataset, text_column)
-    names = _label_names(dataset, label_column, label_names)
+    check_text_column(dataset, text_column)
+    names = label_names_of(dataset, label_column, label_names)
     encoder = CategoryPromptEncoder(tokenizer, names, template, max_length, append_eos)
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
@@ -175,71 +152,6 @@ def tokenize_for_category_prediction(
 
     remove = [c for c in dataset.column_names if c not in set(keep_columns)]
     return dataset.map(encode, batched=True, batch_size=batch_size, remove_columns=remove, desc="category task")
-
-
-def tokenize_for_causal_lm(
-    dataset: Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    text_column: str = TEXT_COLUMN,
-    max_length: int = 256,
-    append_eos: bool = True,
-    batch_size: int = 1000,
-    keep_columns: Sequence[str] = (),
-) -> Dataset:
-    """Tokenize texts for causal-LM fine-tuning: `labels` equal `input_ids` (the model shifts them).
-
-    Args:
-        dataset (`datasets.Dataset`): examples with `text_column`.
-        tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.
-        text_column (`str`): column holding the text.
-        max_length (`int`): texts are truncated to this many tokens (special tokens included).
-        append_eos (`bool`): end every text with EOS so that the model learns where a text ends.
-        batch_size (`int`): `Dataset.map` batch size.
-        keep_columns (`Sequence[str]`): original columns to keep next to the token columns.
-
-    Returns:
-        `datasets.Dataset` with `input_ids`, `attention_mask`, `labels` (and `keep_columns`).
-    """
-    _check_text_column(dataset, text_column)
-    prefix = _special_prefix(tokenizer)
-    eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
-    budget = max_length - len(prefix) - len(eos)
-    if budget < 1:
-        raise ValueError(f"max_length={max_length} leaves no room for text after the special tokens")
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        encoded = tokenizer(batch[text_column], add_special_tokens=False, truncation=True, max_length=budget)
-        input_ids = [prefix + list(ids) + eos for ids in encoded["input_ids"]]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": [[1] * len(ids) for ids in input_ids],
-            "labels": [list(ids) for ids in input_ids],
-        }
-
-    remove = [c for c in dataset.column_names if c not in set(keep_columns)]
-    return dataset.map(encode, batched=True, batch_size=batch_size, remove_columns=remove, desc="causal LM task")
-
-
-def get_data_collator(
-    tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: Optional[int] = None
-) -> DataCollatorForSeq2Seq:
-    """The collator for both task formats: transformers' `DataCollatorForSeq2Seq`, padding `labels` with -100.
-
-    It pads `input_ids`/`attention_mask` with the tokenizer (on `tokenizer.padding_side`) and `labels` with -100, so
-    padding never enters the loss, even when the pad token is the EOS token that ends every answer.
-
-    Args:
-        tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer; needs a pad token.
-        pad_to_multiple_of (`int`, *optional*): pad lengths to a multiple of this (e.g. 8 for tensor cores).
-    """
-    if tokenizer.pad_token_id is None:
-        raise ValueError(
-            "the tokenizer has no pad token (tokenizer.pad_token is None); set one first, e.g. "
-            "`tokenizer.pad_token = tokenizer.eos_token` (labels are padded with -100, so this does not mask EOS)"
-        )
-    return DataCollatorForSeq2Seq(
-        tokenizer, padding=True, pad_to_multiple_of=pad_to_multiple_of, label_pad_token_id=IGNORE_INDEX
-    )
 
 
 @dataclass
@@ -256,105 +168,6 @@ class CategoryPredictions:
     predictions: np.ndarray
     references: np.ndarray
     log_likelihoods: np.ndarray
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    return device if isinstance(device, torch.device) else next(model.parameters()).device
-
-
-def _left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(map(len, sequences))
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, length - len(seq) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    # Explicit positions make left padding exact for absolute-position models too (RoPE alone would not need it).
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _right_pad(sequences: list[list[int]], pad_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """Name of the forward argument that takes a KV cache: `cache` since transformers 5.2x, `past_key_values` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers take **kwargs
-    parameters = inspect.signature(base.forward).parameters
-    if "cache" in parameters:
-        return "cache"
-    if "past_key_values" in parameters:
-        return "past_key_values"
-    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def _output_cache(out: Any) -> Any:
-    # Read the field directly: the `past_key_values` alias of new transformers versions logs a deprecation warning.
-    fields = vars(out)
-    return fields.get("cache", fields.get("past_key_values"))
-
-
-def _score_with_cache(
-    model: torch.nn.Module, prompts: list[list[int]], answers: list[list[int]], pad_id: int, device: torch.device
-) -> Optional[torch.Tensor]:
-    """Summed answer log-probabilities `(B, C)`: the prompt runs once, its KV cache is repeated per candidate."""
-    num_rows, num_candidates = len(prompts), len(answers)
-    ids, mask = _left_pad(prompts, pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-    scores = first[:, [answer[0] for answer in answers]]
-    longest = max(map(len, answers))
-    if longest == 1:
-        return scores
-    cache = _output_cache(out)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
-    cache.batch_repeat_interleave(num_candidates)  # row b * C + c continues prompt b with candidate c
-    inputs, input_mask = _right_pad([a[:-1] for a in answers], pad_id, longest - 1)
-    targets, target_mask = _right_pad([a[1:] for a in answers], 0, longest - 1)
-    inputs, input_mask = inputs.repeat(num_rows, 1).to(device), input_mask.repeat(num_rows, 1).to(device)
-    targets, target_mask = targets.repeat(num_rows, 1).to(device), target_mask.repeat(num_rows, 1).to(device)
-    full_mask = torch.cat([mask.repeat_interleave(num_candidates, dim=0), input_mask], dim=1)
-    start = mask.sum(-1).repeat_interleave(num_candidates)[:, None]
-    positions = start + torch.arange(longest - 1, device=device)[None, :]
-    out = model(
-        input_ids=inputs,
-        attention_mask=full_mask,
-        position_ids=positions,
-        use_cache=True,
-        **{_cache_kwarg(model): cache},
-    )
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1)
-    token_scores = logprobs.gather(-1, targets[..., None]).squeeze(-1) * target_mask
-    return scores + token_scores.sum(-1).view(num_rows, num_candidates)
-
-
-def _score_full(
-    model: torch.nn.Module, prompts: list[list[int]], answers: list[list[int]], pad_id: int, device: torch.device
-) -> torch.Tensor:
-    """Summed answer log-probabilities `(B, C)` from one pass over every prompt + candidate sequence."""
-    num_rows, num_candidates = len(prompts), len(answers)
-    longest = max(map(len, answers))
-    sequences = [prompt + answer for prompt in prompts for answer in answers]
-    ids, mask = _left_pad(sequences, pad_id, device)
-    # Left padding puts every answer at the end: the last `longest + 1` logits cover all answer tokens.
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=longest + 1)
-    logprobs = torch.log_softmax(out.logits[:, :longest].float(), dim=-1)
-    targets = ids[:, -longest:]
-    token_scores = logprobs.gather(-1, targets[..., None]).squeeze(-1)
-    lengths = torch.tensor([len(a) for a in answers], device=device).repeat(num_rows)
-    valid = torch.arange(longest, device=device)[None, :] >= (longest - lengths)[:, None]
-    return (token_scores * valid).sum(-1).view(num_rows, num_candidates)
 
 
 def predict_categories(
@@ -378,7 +191,8 @@ def predict_categories(
     category's answer `" <name>"` (+ EOS): the sum of the answer tokens' log-probabilities. With `use_cache` the
     prompt runs once and its KV cache is repeated for the candidates' remaining tokens, so a batch costs one prompt
     pass plus one short pass instead of `num_classes` prompt passes; memory for the cache grows with
-    `batch_size * num_classes`. The model is put in eval mode for the call and restored afterwards.
+    `batch_size * num_classes`. The model is put in eval mode for the call and restored afterwards; MoE-LoRA routing
+    statistics are not recorded.
 
     Args:
         model (`torch.nn.Module`): a causal LM (a `transformers` model, or a `peft` model wrapping one) whose forward
@@ -401,8 +215,8 @@ def predict_categories(
     Returns:
         [`CategoryPredictions`]: predictions, references and the `(N, num_classes)` candidate scores.
     """
-    _check_text_column(dataset, text_column)
-    names = _label_names(dataset, label_column, label_names)
+    check_text_column(dataset, text_column)
+    names = label_names_of(dataset, label_column, label_names)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     encoder = CategoryPromptEncoder(tokenizer, names, template, max_length, append_eos)
@@ -414,24 +228,19 @@ def predict_categories(
             raise ValueError(f"first_token_only needs distinct first tokens, but categories {clashes} share theirs")
         answers = [[token] for token in firsts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # padded positions are masked
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
+    device = model_device(model)
     prompts = encoder.encode_prompts(dataset[text_column])
     # Batches of similar length waste little compute on padding; scores are put back in dataset order.
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     log_likelihoods = np.zeros((len(prompts), len(answers)), dtype=np.float32)
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                batch = [prompts[i] for i in rows]
-                batch_scores = _score_with_cache(model, batch, answers, pad_id, device) if use_cache else None
-                if batch_scores is None:
-                    batch_scores = _score_full(model, batch, answers, pad_id, device)
-                log_likelihoods[rows] = batch_scores.cpu().numpy()
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = [prompts[i] for i in rows]
+            batch_scores = score_with_cache(model, batch, answers, pad_id, device) if use_cache else None
+            if batch_scores is None:
+                batch_scores = score_full(model, batch, answers, pad_id, device)
+            log_likelihoods[rows] = batch_scores.cpu().numpy()
     if length_normalize:
         log_likelihoods = log_likelihoods / np.array([len(a) for a in answers], dtype=np.float32)[None, :]
     return CategoryPredictions(
@@ -439,21 +248,6 @@ def predict_categories(
         references=np.asarray(dataset[label_column], dtype=np.int64),
         log_likelihoods=log_likelihoods,
     )
-
-
-def compute_classification_metrics(
-    predictions: Sequence[int], references: Sequence[int], num_classes: int
-) -> dict[str, float]:
-    """Accuracy and macro precision/recall/F1 over all `num_classes` classes, with the shipped `evaluate` metrics.
-
-    Classes absent from both predictions and references still count in the macro averages (as zero), so that a
-    client's local test set and the global test set are scored over the same class set.
-    """
-    labels = list(range(num_classes))
-    results = dict(load_metric("accuracy").compute(predictions=predictions, references=references))
-    for name in ("precision", "recall", "f1"):
-        results.update(load_metric(name).compute(predictions=predictions, references=references, labels=labels))
-    return results
 
 
 def evaluate_category_prediction(
@@ -472,3 +266,67 @@ def evaluate_category_prediction(
     out = predict_categories(model, tokenizer, dataset, **kwargs)
     num_classes = out.log_likelihoods.shape[1]
     return compute_classification_metrics(out.predictions, out.references, num_classes)
+
+
+@register_task
+class CategoryPredictionTask(Task):
+    """Instruction-style category prediction with a causal LM: trained on the answer tokens, scored by likelihood.
+
+    [`tokenize`] is [`tokenize_for_category_prediction`], [`evaluate`] is [`evaluate_category_prediction`] (accuracy
+    and macro precision/recall/F1 over all categories), both with the task's columns, category names, template and
+    `max_length`, so training and scoring see the same prompts.
+
+    Args:
+        tokenizer, text_column, label_column, label_names, max_length: see [`~fcmoe_hf.tasks.Task`].
+        template (`str`): the prompt template ([`DEFAULT_CATEGORY_TEMPLATE`]).
+        append_eos (`bool`): end every answer with EOS (see [`CategoryPromptEncoder`]).
+        length_normalize (`bool`), use_cache (`bool`), first_token_only (`bool`): scoring options of
+            [`predict_categories`].
+    """
+
+    name = "category"
+    task_type = "CAUSAL_LM"
+    headline_metrics = ("accuracy", "f1")
+
+    def __init__(
+        self,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+        *,
+        template: str = DEFAULT_CATEGORY_TEMPLATE,
+        append_eos: bool = True,
+        length_normalize: bool = False,
+        use_cache: bool = True,
+        first_token_only: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(tokenizer, **kwargs)
+        if template.count("{text}") != 1:
+            raise ValueError(f"template must contain '{{text}}' exactly once, got {template!r}")
+        self.template = template
+        self.append_eos = append_eos
+        self.scoring = {"length_normalize": length_normalize, "use_cache": use_cache, "first_token_only": first_token_only}
+
+    @property
+    def model_card_description(self) -> str:
+        return "category prediction (instruction-style, scored by likelihood)"
+
+    def _format(self) -> dict[str, Any]:
+        return {
+            "text_column": self.text_column,
+            "label_column": self.label_column,
+            "label_names": self.label_names,
+            "template": self.template,
+            "max_length": self.max_length,
+            "append_eos": self.append_eos,
+        }
+
+    def tokenize(self, dataset: Dataset) -> Dataset:
+        return tokenize_for_category_prediction(dataset, self.tokenizer, **self._format())
+
+    def build_data_collator(self):
+        return get_data_collator(self.tokenizer)
+
+    def evaluate(self, model: torch.nn.Module, dataset: Dataset, batch_size: int = 16) -> dict[str, float]:
+        return evaluate_category_prediction(
+            model, self.tokenizer, dataset, batch_size=batch_size, **self._format(), **self.scoring
+        )
