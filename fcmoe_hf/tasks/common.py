@@ -98,6 +98,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode, no autograd and no MoE-LoRA routing statistics for the block; all restored afterwards.
 
     Evaluation must not count as routing activity: FC-MoE's expert importance uses the counts of local training.
+    `no_grad` rather than `inference_mode`: the model trains again afterwards, and a buffer a forward creates or updates
+    lazily under `inference_mode` could not be updated in place outside it.
     """
     tuner = getattr(model, "base_model", None)
     context = getattr(tuner, "routing_context", None) if isinstance(tuner, MoELoraModel) else None
@@ -107,7 +109,7 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     if context is not None:
         context.track_statistics = False
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             yield
     finally:
         model.train(was_training)
