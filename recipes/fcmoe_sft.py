@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 from peft import get_peft_model
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 
 from fcmoe_hf import MoELoraConfig
 from fcmoe_hf.config_parsing import parse_yaml_and_args
@@ -95,6 +95,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             client["train"] = client["train"].select(range(min(cap, client["train"].num_rows)))
 
     model, tokenizer = load_base_model(model_args.model_name_or_path, torch_dtype=model_args.torch_dtype)
+    # The adapter's random initialisation: the same on every rank, and the same for the same seed.
+    set_seed(training_args.seed)
     model = get_peft_model(model, adapter_args.to_config())
     if federation.base_model_id is None:
         federation.base_model_id = HUB_IDS.get(model_args.model_name_or_path, model_args.model_name_or_path)
