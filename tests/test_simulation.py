@@ -34,11 +34,14 @@ def tiny_corpus(per_class=12, seed=0):
     return DatasetDict(train=split(per_class), test=split(3))
 
 
-def make_simulation(tmp_path, run_name="run", aggregator="fcmoe", num_rounds=2, on_round_end=None, resume=False):
+def make_simulation(
+    tmp_path, run_name="run", aggregator="fcmoe", num_rounds=2, on_round_end=None, resume=False, aggregator_config=None
+):
     splits = partition_dataset(tiny_corpus(), PartitionConfig(num_clients=3, alpha=0.5, min_partition_size=4, partition_seed=0))
     model = get_peft_model(build_model(tiny_llama_config(), seed=0), MoELoraConfig(r=4, num_experts=4, top_k=2))
     args = FederationArguments(
-        aggregator=aggregator, num_rounds=num_rounds, max_length=32, eval_batch_size=8, resume=resume,
+        aggregator=aggregator, aggregator_config=aggregator_config, num_rounds=num_rounds, max_length=32, eval_batch_size=8,
+        resume=resume,
         base_model_id="tiny-llama",
     )
     training_args = FederatedMoETrainingArguments(
@@ -107,7 +110,7 @@ def test_killed_run_resumes_to_the_same_global_adapter(tmp_path):
     assert [json.loads(line)["round"] for line in open(tmp_path / "killed" / "metrics.jsonl")] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("aggregator", ["fedavg", "fedadam"])
+@pytest.mark.parametrize("aggregator", ["fedavg", "fedadam", "fedprox"])
 def test_baseline_aggregators_run_by_name(tmp_path, aggregator):
     history = make_simulation(tmp_path, aggregator, aggregator=aggregator, num_rounds=1).run()
     assert history[-1]["server_num_clients"] == 3

@@ -384,7 +384,7 @@ class FederatedMoEMixin:
             metrics["train_runtime"] = round(self._last_train_runtime, 3)
             metrics["global_steps"] = int(output.global_step)
         for entry in reversed(self.state.log_history):
-            for key in ("aux_loss", "z_loss", "task_loss", "expert_usage_entropy", "expert_max_share"):
+            for key in ("aux_loss", "z_loss", "task_loss", "proximal_loss", "expert_usage_entropy", "expert_max_share"):
                 if key in entry:
                     metrics.setdefault(f"last_{key}", entry[key])
         return ClientUpdate(

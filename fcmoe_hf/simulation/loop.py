@@ -1,0 +1,327 @@
+"""The in-process federation: rounds, client sampling, local training, merge, evaluation, checkpoint and resume.
+
+Clients are trained one after another on one model in one job; under `accelerate launch` each client's training is
+data-parallel over the launched processes. Every process runs the same loop: the main process writes the clients'
+updates to disk, every process streams them back and merges them (deterministically, so the global states agree), and
+the main process evaluates, logs and checkpoints.
+
+What the clients' training needs from the server (FedProx's proximal term, FC-MoE's retention) is the aggregator's
+[`~fcmoe_hf.federated.Aggregator.configure_client`], applied to every client's training arguments. A client's
+personalized adapter, the point it starts its next round from, and the adapter that is saved come from one function,
+[`~fcmoe_hf.federated.retained_start`], with the scale the server applied to its update.
+
+Memory stays flat in the number of clients: updates live on disk (safetensors, read lazily when merged), a client's
+personalized adapter is recomputed from the global state and its last update when needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+from transformers.trainer_callback import PrinterCallback
+
+from ..data import ClientSplits
+from ..federated import Aggregator, ClientConfig, ClientUpdate, build_aggregator, retained_start
+from ..reporting import RoundLogger, truncate_jsonl
+from ..tasks import Task, build_task
+from ..trainer import FederatedMoETrainer, FederatedMoETrainingArguments, get_federated_state, set_federated_state
+from .arguments import FederationArguments
+from .checkpoints import CheckpointStore
+from .outputs import write_outputs
+from .progress import ClientProgress
+
+logger = logging.getLogger(__name__)
+
+#: Round metrics shown on the round bar.
+_SHOWN = ("global_accuracy", "local_accuracy_mean", "global_loss", "train_loss_mean", "conflict_share")
+
+
+class FederatedSimulation:
+    """Runs a federation of `splits.num_clients` clients on one model.
+
+    Args:
+        model (`PeftModel`): the base model with its (MoE-)LoRA adapter; its trainable tensors are the federated state.
+        tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer (with a pad token).
+        splits ([`~fcmoe_hf.data.ClientSplits`]): every client's train / local test data and the global test set.
+        args ([`FederationArguments`]): rounds, sampling, aggregator, task, evaluation.
+        training_args ([`~fcmoe_hf.trainer.FederatedMoETrainingArguments`]): the clients' local training; its
+            `output_dir` is the run directory. `client_id`, `federated_round` and `seed` are set per client and round,
+            and the aggregator's [`~fcmoe_hf.federated.ClientConfig`] is applied on top.
+        aggregator ([`~fcmoe_hf.federated.Aggregator`], *optional*): built from `args.aggregator` when omitted.
+        on_round_end (`Callable[[int, dict], None]`, *optional*): called on every process after each round is
+            checkpointed, with the round and its metrics.
+        task ([`~fcmoe_hf.tasks.Task`], *optional*): built from `args.task` (with `tokenizer`, the splits' label
+            column and names, and `args.max_length`) when omitted.
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        splits: ClientSplits,
+        args: FederationArguments,
+        training_args: FederatedMoETrainingArguments,
+        aggregator: Optional[Aggregator] = None,
+        on_round_end: Optional[Callable[[int, dict], None]] = None,
+        task: Optional[Task] = None,
+    ):
+        self.model, self.tokenizer, self.splits, self.args = model, tokenizer, splits, args
+        self.training_args = training_args
+        self.aggregator = aggregator or build_aggregator(args.aggregator, args.aggregator_config)
+        self.task = task or build_task(
+            args.task, tokenizer, label_column=splits.label_column, label_names=splits.label_names,
+            max_length=args.max_length,
+        )
+        self.on_round_end = on_round_end
+        self.run_dir = Path(training_args.output_dir)
+        self.checkpoints = CheckpointStore(self.run_dir)
+        self.seed = training_args.seed
+        self.report_to = [r for r in (training_args.report_to or []) if r != "none"]
+        self.state = PartialState()
+        self.client_ids = [f"client_{i}" for i in range(splits.num_clients)]
+        self.train_sets = [self.task.tokenize(client["train"]) for client in splits.clients]
+        # Which round's update directory holds each client's last update (the basis of its retained residual), and
+        # the factor the server scaled that update by.
+        self.last_update_round: dict[str, int] = {}
+        self.update_scales: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+
+    # -- paths ------------------------------------------------------------------------------------------------------
+
+    def _round_dir(self, round_index: int) -> Path:
+        return self.run_dir / "rounds" / f"round_{round_index:04d}"
+
+    def _update_dir(self, round_index: int, client_id: str) -> Path:
+        return self._round_dir(round_index) / "updates" / client_id
+
+    def _last_update(self, client_id: str) -> Optional[ClientUpdate]:
+        round_index = self.last_update_round.get(client_id)
+        return None if round_index is None else ClientUpdate.load(self._update_dir(round_index, client_id))
+
+    def _previous_global(self, client_id: str, mode: str) -> Optional[dict[str, torch.Tensor]]:
+        # Only the "filtered" residual needs the global state the client's last update started from.
+        round_index = self.last_update_round.get(client_id)
+        if mode != "filtered" or round_index is None:
+            return None
+        return load_file(str(self._round_dir(round_index) / "global_start.safetensors"))
+
+    # -- one round --------------------------------------------------------------------------------------------------
+
+    def client_config(self, round_index: int) -> ClientConfig:
+        """What the aggregator asks of the clients' local training in `round_index`."""
+        return self.aggregator.configure_client(round_index)
+
+    def sample_clients(self, round_index: int) -> list[str]:
+        """The clients of `round_index`: a seeded sample of `max(min_fit_clients, fraction_fit * N)`, same on every
+        process and independent of earlier rounds (so a resumed run samples what an uninterrupted one would)."""
+        num = min(len(self.client_ids), max(self.args.min_fit_clients, round(self.args.fraction_fit * len(self.client_ids))))
+        if num == len(self.client_ids):
+            return list(self.client_ids)
+        rng = np.random.default_rng([self.seed, round_index])
+        return [self.client_ids[i] for i in sorted(rng.choice(len(self.client_ids), size=num, replace=False))]
+
+    def personalized_state(
+        self, global_state: Mapping[str, torch.Tensor], client_id: str, round_index: Optional[int] = None
+    ) -> Mapping[str, torch.Tensor]:
+        """Client `client_id`'s personalized adapter: the point it starts `round_index` from (by default the round
+        after the last one run): the global state plus lambda x its retained residual."""
+        config = self.client_config(round_index if round_index is not None else len(self.history) + 1)
+        previous = self._last_update(client_id)
+        if previous is None or config.retention_lambda == 0:
+            return global_state
+        return retained_start(
+            global_state, previous.deltas, lam=config.retention_lambda, mode=config.retention_mode,
+            previous_global=self._previous_global(client_id, config.retention_mode),
+            scale=self.update_scales.get(client_id, 1.0),
+        )
+
+    def train_client(
+        self, client_id: str, round_index: int, global_state: Mapping[str, torch.Tensor],
+        progress: Optional[ClientProgress] = None,
+    ) -> Optional[ClientUpdate]:
+        """One client's local round; returns its update on the main process (`None` elsewhere)."""
+        index = self.client_ids.index(client_id)
+        config = self.client_config(round_index)
+        args = config.apply(
+            dataclasses.replace(
+                self.training_args,
+                client_id=client_id,
+                federated_round=round_index,
+                seed=self.seed + 1000 * round_index + index,
+                output_dir=str(self.run_dir / "scratch"),
+                save_strategy="no",
+                report_to=[],
+                disable_tqdm=True,
+            )
+        )
+        trainer = FederatedMoETrainer(
+            model=self.model, args=args, train_dataset=self.train_sets[index], data_collator=self.task.data_collator,
+            processing_class=self.tokenizer, callbacks=[progress.callback(client_id)] if progress is not None else None,
+        )
+        # The bars report progress; per-step log lines of every client would drown them (they stay in log_history).
+        trainer.remove_callback(PrinterCallback)
+        trainer.start_round(
+            global_state, self._last_update(client_id),
+            previous_global=self._previous_global(client_id, config.retention_mode),
+            residual_scale=self.update_scales.get(client_id, 1.0),
+        )
+        trainer.train()
+        update = trainer.client_update()
+        # Release the wrapped engine: a DeepSpeed engine keeps gradient hooks on the shared model's parameters, which
+        # would fire again (double reduction) under the next client's engine.
+        trainer.accelerator.free_memory()
+        return update
+
+    def evaluate(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Global adapter on the global test set, each client's personalized adapter on its local test set."""
+        metrics: dict[str, float] = {}
+        global_test = self._limit(self.splits.global_test, self.args.max_global_eval_samples)
+        set_federated_state(self.model, global_state)
+        metrics.update({f"global_{k}": v for k, v in self._score(global_test).items()})
+        local: dict[str, list[float]] = {}
+        for index, client_id in enumerate(self.client_ids):
+            test = self._limit(self.splits.clients[index]["test"], self.args.max_local_eval_samples)
+            set_federated_state(self.model, self.personalized_state(global_state, client_id))
+            for key, value in self._score(test).items():
+                local.setdefault(key, []).append(value)
+                metrics[f"{client_id}/local_{key}"] = value
+        for key, values in local.items():
+            metrics[f"local_{key}_mean"] = float(np.mean(values))
+            metrics[f"local_{key}_min"] = float(np.min(values))
+            metrics[f"local_{key}_max"] = float(np.max(values))
+        set_federated_state(self.model, global_state)
+        return metrics
+
+    @staticmethod
+    def _limit(dataset: Dataset, limit: Optional[int]) -> Dataset:
+        return dataset if limit is None or dataset.num_rows <= limit else dataset.select(range(limit))
+
+    def _score(self, dataset: Dataset) -> dict[str, float]:
+        return self.task.evaluate(self.model, dataset, batch_size=self.args.eval_batch_size)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+
+    def _checkpoint(self, round_index: int, global_state: Mapping[str, torch.Tensor]) -> None:
+        self.checkpoints.save(
+            round_index, global_state, self.aggregator.state_dict() or {},
+            {
+                "last_update_round": self.last_update_round,
+                "update_scales": self.update_scales,
+                "aggregator": self.args.aggregator,
+                "aggregator_config": self.aggregator.config.to_dict(),
+                "federation_args": dataclasses.asdict(self.args),
+            },
+        )
+        referenced = {f"round_{r:04d}" for r in self.last_update_round.values()}
+        for old in (self.run_dir / "rounds").glob("round_*"):
+            if old.name not in referenced:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self) -> tuple[int, Optional[dict[str, torch.Tensor]]]:
+        loaded = self.checkpoints.load()
+        if loaded is None:
+            return 0, None
+        state, global_state, aggregator_state = loaded
+        if state["aggregator"] != self.args.aggregator:
+            raise ValueError(
+                f"Cannot resume {self.run_dir}: it was run with aggregator {state['aggregator']!r}, not {self.args.aggregator!r}."
+            )
+        self.aggregator.load_state_dict(aggregator_state)
+        self.last_update_round = {k: int(v) for k, v in state["last_update_round"].items()}
+        self.update_scales = {k: float(v) for k, v in state.get("update_scales", {}).items()}
+        return int(state["round"]), global_state
+
+    # -- the run ----------------------------------------------------------------------------------------------------
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run (or resume) the federation; returns the per-round metrics (main process; `[]` elsewhere)."""
+        main = self.state.is_main_process
+        start_round, global_state = (0, None)
+        if self.args.resume:
+            start_round, global_state = self._load_checkpoint()
+        elif main and self.checkpoints.exists():
+            raise FileExistsError(f"{self.run_dir} already holds a run: pass --resume to continue it, or another run_dir.")
+        if global_state is None:
+            global_state = get_federated_state(self.model)
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            truncate_jsonl(self.run_dir / "metrics.jsonl", start_round)
+            truncate_jsonl(self.run_dir / "conflicts.jsonl", start_round)
+            with open(self.run_dir / "partition.json", "w") as f:
+                json.dump(self.splits.summary(), f)
+        round_logger = RoundLogger(self.run_dir, self.report_to) if main else None
+        bar = tqdm(range(start_round + 1, self.args.num_rounds + 1), desc=f"FL {self.args.aggregator}", disable=not main,
+                   initial=start_round, total=self.args.num_rounds, unit="round", position=0)
+        for round_index in bar:
+            global_state, metrics, conflicts = self._run_round(round_index, global_state)
+            if main:
+                round_logger.log_round(round_index, metrics, conflicts)
+                self.history.append({"round": round_index, **metrics})
+                bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k in _SHOWN})
+                self._checkpoint(round_index, global_state)
+            self.state.wait_for_everyone()
+            if self.on_round_end is not None:
+                self.on_round_end(round_index, metrics)
+        if main:
+            round_logger.close()
+            self.finalize(global_state)
+        self.state.wait_for_everyone()
+        return self.history
+
+    def _run_round(self, round_index: int, global_state: dict[str, torch.Tensor]):
+        main = self.state.is_main_process
+        sampled = self.sample_clients(round_index)
+        if main and self.client_config(round_index).retention_mode == "filtered":
+            self._round_dir(round_index).mkdir(parents=True, exist_ok=True)
+            save_file(global_state, str(self._round_dir(round_index) / "global_start.safetensors"))
+        train_metrics: dict[str, list[float]] = {}
+        progress = ClientProgress(round_index, len(sampled), disable=not main)
+        try:
+            for client_id in sampled:
+                update = self.train_client(client_id, round_index, global_state, progress)
+                if update is not None:
+                    update.save(self._update_dir(round_index, client_id))
+                    for key in ("train_loss", "last_aux_loss", "last_proximal_loss"):
+                        if key in update.metrics:
+                            train_metrics.setdefault(key, []).append(float(update.metrics[key]))
+        finally:
+            progress.close()
+        self.state.wait_for_everyone()
+        updates = [ClientUpdate.load(self._update_dir(round_index, cid)) for cid in sampled]
+        result = self.aggregator.aggregate(global_state, updates)
+        # Materialise the new global state: the next round must not read the (pruned) update files lazily.
+        global_state = {k: v.detach().clone() for k, v in result.global_state.items()}
+        for client_id in result.client_ids:
+            self.last_update_round[client_id] = round_index
+            self.update_scales[client_id] = result.update_scales.get(client_id, 1.0)
+        metrics: dict[str, Any] = {f"server_{k}": v for k, v in result.summary().items()}
+        metrics["num_processes"] = self.state.num_processes
+        metrics["conflict_share"] = metrics.pop("server_conflict_share", float("nan"))
+        metrics["rejected"] = [{"client_id": r.client_id, "reason": r.reason} for r in result.rejected]
+        for key, values in train_metrics.items():
+            metrics[f"{key.removeprefix('last_')}_mean"] = float(np.mean(values))
+        conflicts = {group: d.conflict_share.tolist() for group, d in result.diagnostics.items()}
+        last = round_index == self.args.num_rounds
+        if main and (round_index % self.args.eval_every == 0 or last):
+            metrics.update(self.evaluate(global_state))
+        return global_state, metrics, conflicts
+
+    # -- outputs ----------------------------------------------------------------------------------------------------
+
+    def finalize(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, Path]:
+        """Write the final global adapter, the clients' personalized adapters, model cards and plots."""
+        return write_outputs(self, global_state)

@@ -1,0 +1,87 @@
+"""A finished federation's outputs: the global and per-client adapters with model cards, and the plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..hub import render_model_card, save_adapter
+from ..reporting import plot_conflict_heatmap, plot_metrics
+
+if TYPE_CHECKING:
+    from .loop import FederatedSimulation
+
+
+def write_outputs(simulation: FederatedSimulation, global_state: Mapping[str, torch.Tensor]) -> dict[str, Path]:
+    """Write the final global adapter, the clients' personalized adapters, their model cards and the plots.
+
+    Returns:
+        `dict[str, Path]`: what was written (`global_adapter`, `client_adapters`, `metrics_plot`, `conflict_heatmap`,
+        `metrics`).
+    """
+    run_dir, args, model = simulation.run_dir, simulation.args, simulation.model
+    outputs: dict[str, Path] = {}
+    peft_config = dataclasses.replace(model.peft_config[model.active_adapter], inference_mode=True)
+    base_model = args.base_model_id or peft_config.base_model_name_or_path
+    peft_config.base_model_name_or_path = base_model
+    final = simulation.history[-1] if simulation.history else {}
+    common = card_fields(simulation, peft_config)
+    global_metrics = {k: v for k, v in final.items() if k.startswith(("global_", "local_")) and isinstance(v, float)}
+    card = render_model_card(
+        "global", base_model, global_metrics, model_name=f"{run_dir.name} global adapter",
+        repo_id=str(run_dir / "global_adapter"), **common,
+    )
+    outputs["global_adapter"] = save_adapter(run_dir / "global_adapter", global_state, peft_config, card)
+    if args.save_client_adapters:
+        for index, client_id in enumerate(simulation.client_ids):
+            client_metrics = {
+                k.split("/", 1)[1]: v for k, v in final.items() if k.startswith(f"{client_id}/") and isinstance(v, float)
+            }
+            client = simulation.splits.clients[index]
+            card = render_model_card(
+                "client", base_model, client_metrics, model_name=f"{run_dir.name} {client_id} adapter",
+                client_id=client_id, repo_id=str(run_dir / "clients" / client_id / "adapter"),
+                global_repo_id=str(run_dir / "global_adapter"), num_train_samples=client["train"].num_rows,
+                num_test_samples=client["test"].num_rows,
+                retention_lambda=simulation.client_config(final.get("round", args.num_rounds)).retention_lambda, **common,
+            )
+            save_adapter(
+                run_dir / "clients" / client_id / "adapter", simulation.personalized_state(global_state, client_id),
+                peft_config, card,
+            )
+        outputs["client_adapters"] = run_dir / "clients"
+    plotted = [f"global_{m}" for m in simulation.task.headline_metrics[:1]]
+    plotted += [f"local_{m}_mean" for m in simulation.task.headline_metrics[:1]] + ["train_loss_mean"]
+    metrics_plot = plot_metrics({args.aggregator: run_dir}, run_dir / "plots" / "metrics.png", metrics=plotted)
+    heatmap = plot_conflict_heatmap(run_dir, run_dir / "plots" / "conflict_heatmap.png")
+    outputs.update({k: v for k, v in (("metrics_plot", metrics_plot), ("conflict_heatmap", heatmap)) if v is not None})
+    outputs["metrics"] = run_dir / "metrics.jsonl"
+    return outputs
+
+
+def card_fields(simulation: FederatedSimulation, peft_config) -> dict[str, Any]:
+    """The federation's configuration as the model card templates' fields."""
+    partition = simulation.splits.config
+    scheme = partition.scheme + (f" (alpha={partition.alpha})" if partition.scheme == "dirichlet" else "")
+    targets = peft_config.target_modules
+    return {
+        "aggregator": simulation.args.aggregator,
+        "aggregator_config": json.dumps(simulation.aggregator.config.to_dict()),
+        "num_experts": peft_config.num_experts,
+        "top_k": peft_config.top_k,
+        "r": peft_config.r,
+        "target_modules": ", ".join(sorted(targets)) if not isinstance(targets, str) else targets,
+        "num_clients": len(simulation.client_ids),
+        "num_rounds": simulation.args.num_rounds,
+        "clients_per_round": len(simulation.sample_clients(1)),
+        "partition": scheme,
+        "task": simulation.task.model_card_description,
+        "final_round": simulation.history[-1]["round"] if simulation.history else 0,
+        "local_epochs": simulation.training_args.num_train_epochs,
+        "learning_rate": simulation.training_args.learning_rate,
+    }
