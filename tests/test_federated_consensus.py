@@ -1,4 +1,4 @@
-"""Gradient consensus projection (DESIGN.md §3 steps 3-5) and its pairwise variant: hand-computed examples."""
+"""Gradient consensus projection (FC-MoE, arXiv:2606.15625, Eq. 3-5) and its pairwise variant: hand-computed examples."""
 
 import math
 

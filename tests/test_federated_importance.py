@@ -1,4 +1,4 @@
-"""Importance-aware weights (DESIGN.md §3 steps 2-3): hand-computed examples."""
+"""Importance-aware weights (FC-MoE, arXiv:2606.15625, Eq. 2-3): hand-computed examples."""
 
 import pytest
 import torch

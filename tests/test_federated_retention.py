@@ -1,4 +1,4 @@
-"""Local knowledge retention (DESIGN.md §3 step 6, Eq. 5-6): hand-computed examples, client and server agreeing."""
+"""Local knowledge retention (FC-MoE, arXiv:2606.15625, Eq. 5-6): hand-computed examples, client and server agreeing."""
 
 import pytest
 import torch

@@ -3,7 +3,7 @@
 Two sources:
 
 - [`load_bundled_fortunes`]: the real, licensed extract of the Debian `fortunes` package that ships inside this
-  package (`data/bundled/`, built by `python -m fcmoe_hf.data.build_fortunes`); needs no network.
+  package (`data/bundled/`, built by `python scripts/build_fortunes.py`); needs no network.
 - [`load_text_dataset`]: any Hugging Face dataset with a text column and a label column: a directory written by
   `save_to_disk`, local data files (JSON/JSONL/CSV/Parquet, plain or compressed), or a Hub id where the Hub is reachable.
 
@@ -46,7 +46,7 @@ def _read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(
             f"bundled corpus file {str(path)!r} is missing: reinstall fcmoe_hf or rebuild it with "
-            "`python -m fcmoe_hf.data.build_fortunes`"
+            "`python scripts/build_fortunes.py`"
         )
     rows = []
     with gzip.open(path, "rt", encoding="utf-8") as handle:

@@ -43,7 +43,7 @@ def main():
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,  # without it a CPU launch is N lone processes, not data parallel (DESIGN.md §5)
+        use_cpu=True,  # without it a CPU launch is N lone processes, not data parallel
         seed=0,
         deepspeed=args.deepspeed,
         moe_lora_aux_loss_coef=0.01,

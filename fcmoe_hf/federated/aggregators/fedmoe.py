@@ -15,7 +15,7 @@ from .registry import register_aggregator
 
 @dataclass
 class FedMoEConfig(AggregatorConfig):
-    """Usage-thresholded expert averaging (the FedMoE stand-in, PAPER.md).
+    """Usage-thresholded expert averaging (the FedMoE stand-in: the closest published formula to FedMoE's modular aggregation, arXiv:2408.11304).
 
     Args:
         usage_threshold (`float`): `tau`; client `c` contributes to expert `e` when its usage `u_c(e) >= tau`.

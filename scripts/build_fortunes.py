@@ -7,7 +7,7 @@ every category at `--max_per_category` entries, makes a seeded stratified train/
 
 Run (needs `apt-get install fortunes`; nothing else is downloaded):
 
-    python -m fcmoe_hf.data.build_fortunes
+    python scripts/build_fortunes.py
 
 The outputs are byte-for-byte reproducible for the same package version, arguments and seed.
 """
@@ -28,7 +28,7 @@ import unicodedata
 from pathlib import Path
 
 DEFAULT_SOURCE_DIR = Path("/usr/share/games/fortunes")
-DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "bundled"
+DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parents[1] / "fcmoe_hf" / "data" / "bundled"
 DEFAULT_COPYRIGHT = Path("/usr/share/doc/fortunes/copyright")
 
 #: Topical categories of the `fortunes` package kept in the extract. Chosen among the files with >= ~180 usable entries
@@ -202,7 +202,7 @@ def build(
             "test_fraction": test_fraction,
             "seed": seed,
         },
-        command=command or "python -m fcmoe_hf.data.build_fortunes",
+        command=command or "python scripts/build_fortunes.py",
     )
     return stats
 
@@ -236,7 +236,7 @@ def _write_source_note(
     note = f"""# Bundled fortunes extract
 
 Real short English texts with a topical category, for the federated demo and benchmark (non-IID partitions over
-`category`). Built by `fcmoe_hf/data/build_fortunes.py`; loaded by `fcmoe_hf.data.load_bundled_fortunes()`.
+`category`). Built by `scripts/build_fortunes.py`; loaded by `fcmoe_hf.data.load_bundled_fortunes()`.
 
 - Source: Debian package `fortunes` version `{version}` (fortune-mod data files, `/usr/share/games/fortunes/<category>`).
 - Licence: {license_note}
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python -m fcmoe_hf.data.build_fortunes", *map(shlex.quote, argv)])
+    command = " ".join(["python scripts/build_fortunes.py", *map(shlex.quote, argv)])
     stats = build(
         source_dir=args.source_dir,
         output_dir=args.output_dir,
