@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from accelerate import PartialState
 from peft import get_peft_model
 from transformers import HfArgumentParser, set_seed
 
@@ -75,7 +76,21 @@ class DataArguments:
     )
 
 
+def _destroy_process_group() -> None:
+    # A process group left to interpreter exit can abort a finished gloo run ("terminate called without an active
+    # exception", SIGABRT): tear it down explicitly, as torch.distributed asks of every program that initialises one.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        PartialState().destroy_process_group()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        _main(argv)
+    finally:
+        _destroy_process_group()
+
+
+def _main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available() and not any(a.startswith("--use_cpu") for a in argv):
         argv += ["--use_cpu", "true"]

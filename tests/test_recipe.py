@@ -108,3 +108,31 @@ def test_recipe_under_ddp_is_reproducible_for_a_seed(ddp_run, tiny_model_dir, tm
     _, first_dir = ddp_run
     _run_recipe(DDP, tiny_model_dir, tmp_path / "again")
     _assert_bit_identical(_global_adapter(first_dir), _global_adapter(tmp_path / "again"))
+
+
+def test_recipe_destroys_its_process_group_also_on_error(monkeypatch):
+    """A process group left to interpreter exit can abort a finished gloo run: `main()` tears it down, errors too."""
+    import importlib.util
+
+    from accelerate import PartialState
+
+    spec = importlib.util.spec_from_file_location("fcmoe_sft_recipe", os.path.join(ROOT, "recipes", "fcmoe_sft.py"))
+    recipe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, recipe)  # its dataclasses look their module up
+    spec.loader.exec_module(recipe)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("failed after the process group was set up")
+
+    monkeypatch.setattr(recipe, "parse_yaml_and_args", fail)
+    state_before = bool(PartialState._shared_state)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="failed after"):
+            recipe.main([])
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if not state_before:
+            PartialState._reset_state()
