@@ -41,3 +41,31 @@ def test_import_registers_the_method_without_importing_the_rest():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_readme_aggregator_example_works_as_written():
+    import pathlib
+    import re
+
+    import torch
+
+    from fcmoe_hf.federated import ClientUpdate, build_aggregator
+    from fcmoe_hf.federated.aggregators import AGGREGATORS
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Adding an aggregator", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    try:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+        aggregator = build_aggregator("sqrt_size", power=1.0)
+        global_state = {"m.layers.0.q.moe_lora_A": torch.zeros(2, 1, 3), "m.head.weight": torch.zeros(3)}
+        updates = [
+            ClientUpdate(f"c{i}", n, {k: torch.full_like(v, float(i)) for k, v in global_state.items()})
+            for i, n in ((1, 1), (2, 3))
+        ]
+        result = aggregator.aggregate(global_state, updates)
+        # power=1 is FedAvg: (1 * 1 + 3 * 2) / 4
+        torch.testing.assert_close(result.global_state["m.head.weight"], torch.full((3,), 1.75))
+        torch.testing.assert_close(result.global_state["m.layers.0.q.moe_lora_A"], torch.full((2, 1, 3), 1.75))
+    finally:
+        AGGREGATORS.pop("sqrt_size", None)
