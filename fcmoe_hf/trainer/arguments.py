@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
 from transformers import TrainingArguments
@@ -74,3 +74,32 @@ class FederatedMoETrainingArguments(FederatedClientArguments, TrainingArguments)
 
     Every `TrainingArguments` field keeps its meaning and default.
     """
+
+
+def training_args_from_call(args: tuple, kwargs: dict):
+    # Trainer.__init__(model=None, args=None, ...): the arguments may come by keyword or second position.
+    return kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None)
+
+
+def to_federated_training_arguments(args: Optional[TrainingArguments]):
+    """`args` as [`FederatedMoETrainingArguments`], the federated fields at their defaults.
+
+    `None` gives the defaults (with `Trainer`'s default `output_dir`). A plain `TrainingArguments` is converted as
+    TRL's trainers convert it into their configs (`to_dict()`, with the values `to_dict()` masks or serialises put
+    back). Arguments that already have the federated fields, and `TrainingArguments` subclasses with fields of their
+    own (which the conversion would drop), are returned unchanged.
+    """
+    if args is None:
+        return FederatedMoETrainingArguments(output_dir="tmp_trainer")
+    if isinstance(args, FederatedClientArguments) or not isinstance(args, TrainingArguments):
+        return args
+    dict_args = args.to_dict()
+    known = {f.name for f in fields(FederatedMoETrainingArguments) if f.init}
+    if not set(dict_args) <= known:
+        return args
+    for key in dict_args:
+        if key.endswith("_token"):  # to_dict hides tokens (hub_token)
+            dict_args[key] = getattr(args, key)
+    if getattr(args, "parallelism_config", None) is not None:  # to_dict writes it as a JSON string
+        dict_args["parallelism_config"] = args.parallelism_config
+    return FederatedMoETrainingArguments(**dict_args)

@@ -15,13 +15,13 @@ from typing import Any, Optional
 
 import torch
 from peft import PeftModel
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from ..federated.functional.retention import retained_start
 from ..federated.layout import expert_group_key
 from ..federated.update import ClientUpdate
 from ..tuners.moe_lora import MoELoraModel
-from .arguments import FederatedClientArguments, FederatedMoETrainingArguments
+from .arguments import FederatedClientArguments, to_federated_training_arguments, training_args_from_call
 from .base_experts import base_expert_groups, count_routed_tokens
 from .federated_state import federated_parameters, get_federated_state, set_federated_state
 
@@ -40,35 +40,6 @@ def _warn_missing_federated_fields(config_name: str, missing: tuple[str, ...]) -
         f"`FederatedClientArguments` with your config: `@dataclass class MyConfig(FederatedClientArguments, "
         f"{config_name}): pass`."
     )
-
-
-def _training_args_from_call(args: tuple, kwargs: dict):
-    # Trainer.__init__(model=None, args=None, ...): the arguments may come by keyword or second position.
-    return kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None)
-
-
-def _to_federated_training_arguments(args: Optional[TrainingArguments]):
-    """`args` as [`FederatedMoETrainingArguments`], the federated fields at their defaults.
-
-    `None` gives the defaults (with `Trainer`'s default `output_dir`). A plain `TrainingArguments` is converted as
-    TRL's trainers convert it into their configs (`to_dict()`, with the values `to_dict()` masks or serialises put
-    back). Arguments that already have the federated fields, and `TrainingArguments` subclasses with fields of their
-    own (which the conversion would drop), are returned unchanged.
-    """
-    if args is None:
-        return FederatedMoETrainingArguments(output_dir="tmp_trainer")
-    if isinstance(args, FederatedClientArguments) or not isinstance(args, TrainingArguments):
-        return args
-    dict_args = args.to_dict()
-    known = {f.name for f in fields(FederatedMoETrainingArguments) if f.init}
-    if not set(dict_args) <= known:
-        return args
-    for key in dict_args:
-        if key.endswith("_token"):  # to_dict hides tokens (hub_token)
-            dict_args[key] = getattr(args, key)
-    if getattr(args, "parallelism_config", None) is not None:  # to_dict writes it as a JSON string
-        dict_args["parallelism_config"] = args.parallelism_config
-    return FederatedMoETrainingArguments(**dict_args)
 
 
 class FederatedMoEMixin:
@@ -91,7 +62,7 @@ class FederatedMoEMixin:
     """
 
     def __init__(self, *args, **kwargs):
-        training_args = _training_args_from_call(args, kwargs)
+        training_args = training_args_from_call(args, kwargs)
         if training_args is not None and training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
             # Reentrant checkpointing runs the first forward under no_grad: the router losses recorded there would carry
             # no gradient. The non-reentrant variant keeps them differentiable.
@@ -417,7 +388,7 @@ class FederatedMoETrainer(FederatedMoEMixin, Trainer):
 
     def __init__(self, *args, **kwargs):
         if "args" in kwargs or len(args) < 2:
-            kwargs["args"] = _to_federated_training_arguments(kwargs.get("args"))
+            kwargs["args"] = to_federated_training_arguments(kwargs.get("args"))
         else:
-            args = (args[0], _to_federated_training_arguments(args[1]), *args[2:])
+            args = (args[0], to_federated_training_arguments(args[1]), *args[2:])
         super().__init__(*args, **kwargs)
