@@ -322,16 +322,22 @@ def test_fedavgm_two_rounds():
     assert xs(aggregator.aggregate(first.global_state, updates)) == pytest.approx([15.5, 2.0])
 
 
+def _fedadam_eta(t, eta=0.1, beta_1=0.9, beta_2=0.99):
+    """Flower's FedAdam step size in round t (1-based)."""
+    return eta * math.sqrt(1 - beta_2 ** (t + 1)) / (1 - beta_1 ** (t + 1))
+
+
 @pytest.mark.parametrize(
     "name, expected",
     [
-        # d = 5 on expert 0, 0 on expert 1. FedAdam (eta 0.1, beta1 0.9, beta2 0.99, tau 1e-9):
-        #   m = 0.5, v = 0.01 * 25 = 0.25, step = 0.1 * 0.5 / 0.5 = 0.1 -> 1.1; expert 1: m = v = 0 -> 2.
-        ("fedadam", [1.1, 2.0]),
+        # d = 5 on expert 0, 0 on expert 1. FedAdam (eta 0.1, beta1 0.9, beta2 0.99, tau 1e-3, Flower's bias
+        # correction eta_1 = eta sqrt(1 - beta2^2) / (1 - beta1^2)): m = 0.5, v = 0.01 * 25 = 0.25,
+        # step = eta_1 * 0.5 / 0.501; expert 1: m = v = 0 -> 2.
+        ("fedadam", [1.0 + _fedadam_eta(1) * 0.5 / 0.501, 2.0]),
         # FedYogi (eta 0.01, tau 1e-3): v = 0 - 0.01 * 25 * sign(0 - 25) = 0.25, step = 0.01 * 0.5 / 0.501.
         ("fedyogi", [1.0 + 0.01 * 0.5 / 0.501, 2.0]),
-        # FedAdagrad (eta 0.1, beta1 0, tau 1e-9): m = 5, v = 25, step = 0.1 * 5 / 5 = 0.1.
-        ("fedadagrad", [1.1, 2.0]),
+        # FedAdagrad (eta 0.1, beta1 0, tau 1e-3): m = 5, v = 25, step = 0.1 * 5 / 5.001.
+        ("fedadagrad", [1.0 + 0.1 * 5 / 5.001, 2.0]),
     ],
 )
 def test_adaptive_server_optimizers_first_round(name, expected):
@@ -352,8 +358,9 @@ def test_server_optimizer_state_round_trips():
     for key in old:
         assert torch.equal(a.global_state[key], b.global_state[key])
     # Round 2 by hand: m = 0.9 * 0.5 + 0.1 * 5 = 0.95, v = 0.99 * 0.25 + 0.01 * 25 = 0.4975,
-    # expert 0: 1.1 + 0.1 * 0.95 / sqrt(0.4975).
-    assert xs(b)[0] == pytest.approx(1.1 + 0.1 * 0.95 / math.sqrt(0.4975), rel=1e-6)
+    # expert 0: (round 1's value) + eta_2 * 0.95 / (sqrt(0.4975) + 1e-3).
+    first_value = 1.0 + _fedadam_eta(1) * 0.5 / 0.501
+    assert xs(b)[0] == pytest.approx(first_value + _fedadam_eta(2) * 0.95 / (math.sqrt(0.4975) + 1e-3), rel=1e-6)
     assert torch.equal(first.state_dict()["m/" + X], resumed.state_dict()["m/" + X])
     # A fresh aggregator differs: the state matters.
     assert xs(FedAdamAggregator().aggregate(state1, updates)) != xs(b)
