@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from .federated.layout import PEFT_KEY_PREFIX
+
 METRICS_FILE = "metrics.jsonl"
 DIAGNOSTICS_FILE = "conflicts.jsonl"
 
@@ -130,7 +132,7 @@ def plot_conflict_heatmap(run_dir: str | os.PathLike, output: str | os.PathLike,
             counts[group] = counts.get(group, np.zeros_like(values)) + seen
     groups = list(sums)[:max_groups]
     matrix = np.stack([np.divide(sums[g], counts[g], out=np.full_like(sums[g], np.nan), where=counts[g] > 0) for g in groups])
-    labels = [g.removeprefix("base_model.model.").removeprefix("model.") for g in groups]
+    labels = [g.removeprefix(PEFT_KEY_PREFIX).removeprefix("model.") for g in groups]
     fig, ax = plt.subplots(figsize=(1.2 + 0.5 * matrix.shape[1], 1.0 + 0.22 * len(groups)))
     image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap="magma", vmin=0.0, vmax=1.0)
     ax.set_yticks(range(len(groups)), labels, fontsize=6)

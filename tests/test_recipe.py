@@ -108,6 +108,9 @@ def test_recipe_under_ddp_is_reproducible_for_a_seed(ddp_run, tiny_model_dir, tm
     _, first_dir = ddp_run
     _run_recipe(DDP, tiny_model_dir, tmp_path / "again")
     _assert_bit_identical(_global_adapter(first_dir), _global_adapter(tmp_path / "again"))
+    _run_recipe(DDP, tiny_model_dir, tmp_path / "other_seed", "--seed", "8")
+    first, other = _global_adapter(first_dir), _global_adapter(tmp_path / "other_seed")
+    assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
 def test_recipe_destroys_its_process_group_also_on_error(monkeypatch):
