@@ -10,6 +10,7 @@ from .base import Aggregator, AggregatorConfig
 from .fcmoe import FCMoEAggregator, FCMoEConfig
 from .fedadagrad import FedAdagradAggregator, FedAdagradConfig
 from .fedadam import FedAdamAggregator, FedAdamConfig
+from .fedalign_moe import FedAlignMoEAggregator, FedAlignMoEConfig
 from .fedavg import FedAvgAggregator, FedAvgConfig
 from .fedavgm import FedAvgMAggregator, FedAvgMConfig
 from .fedmoe import FedMoEAggregator, FedMoEConfig
@@ -38,6 +39,8 @@ __all__ = [
     "FedAdagradConfig",
     "FedAdamAggregator",
     "FedAdamConfig",
+    "FedAlignMoEAggregator",
+    "FedAlignMoEConfig",
     "FedAvgAggregator",
     "FedAvgConfig",
     "FedAvgMAggregator",
