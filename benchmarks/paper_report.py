@@ -1,0 +1,148 @@
+"""Tables and plots of the paper protocol, from `paper_protocol.jsonl` alone (`paper_protocol.py --report`).
+
+Writes `paper_protocol.md` (analogues of the paper's Table I, Table II and Fig. 3, with the learning-rate sweep) and
+PNG plots beside it. Rounds to converge are defined once for every method: the first round whose global accuracy is
+within 1 point (0.01) of the run's best global accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TABLE_METHODS = ["fedavg", "fedprox", "fedmoe", "pfl_moe", "fedalign_moe", "fcmoe", "local", "centralized"]
+ABLATIONS = ["fcmoe", "fcmoe_no_projection", "fcmoe_no_retention", "fcmoe_no_importance"]
+CONVERGENCE_TOLERANCE = 0.01
+
+
+def rounds_to_converge(accuracies: list[float], tolerance: float = CONVERGENCE_TOLERANCE) -> int:
+    """The first round (1-based) whose accuracy is within `tolerance` of the run's best."""
+    best = max(accuracies)
+    return next(i + 1 for i, a in enumerate(accuracies) if a >= best - tolerance)
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}"
+
+
+def _cells(records: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    cells: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        if record.get("kind") == "cell":
+            cells[(record["method"], float(record["alpha"]))].append(record)
+    return cells
+
+
+def _final(cell_records, key):
+    return [r["rounds"][-1].get(key) for r in cell_records]
+
+
+def write_report(results: Path, out_dir: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean over methods without conflict statistics
+        return _write_report(results, out_dir)
+
+
+def _write_report(results: Path, out_dir: Path) -> Path:
+    records = [json.loads(line) for line in Path(results).read_text().splitlines() if line.strip()]
+    # The grid's protocol is that of the newest cells; the sweep's cells are reported only in the sweep table.
+    sweep = [r for r in records if r.get("kind") == "lr_sweep"]
+    chosen = sweep[-1]["chosen"] if sweep else None
+    grid = [r for r in records if r.get("kind") == "cell" and (chosen is None or r["protocol"]["learning_rate"] == chosen)]
+    cells = _cells(grid)
+    alphas = sorted({alpha for _, alpha in cells})
+    lines = [f"# Paper protocol: results ({len(grid)} cells from `{Path(results).name}`)", ""]
+    if grid:
+        protocol = grid[-1]["protocol"]
+        lines += ["Protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()), ""]
+    if sweep:
+        lines += ["## Learning-rate sweep (FedAvg, final global accuracy)", "", "| lr | global acc |", "|---|---|"]
+        for rate in sweep[-1]["rates"]:
+            match = [r for r in records if r.get("kind") == "cell" and r["method"] == "fedavg"
+                     and r["protocol"]["learning_rate"] == rate and float(r["alpha"]) == sweep[-1]["alpha"]]
+            lines.append(f"| {rate:g} | {_mean_std(_final(match, 'global_accuracy'))} |")
+        lines += ["", f"Chosen: {chosen:g}", ""]
+
+    header = "| method | " + " | ".join(f"α={a:g} acc | α={a:g} prec | α={a:g} rec" for a in alphas) + " |"
+    lines += ["## Table I analogue: global accuracy / macro precision / macro recall (%, mean ± std over seeds)", "",
+              header, "|---|" + "---|" * (3 * len(alphas))]
+    for method in TABLE_METHODS + [m for m in ABLATIONS if m != "fcmoe"]:
+        if not any((method, a) in cells for a in alphas):
+            continue
+        row = [method]
+        for a in alphas:
+            recs = cells.get((method, a), [])
+            row += [_mean_std(_final(recs, "global_accuracy")), _mean_std(_final(recs, "global_precision")),
+                    _mean_std(_final(recs, "global_recall"))]
+        lines.append("| " + " | ".join(row) + " |")
+
+    lines += ["", "## Table II analogue: ablations (global / mean local accuracy, %)", "",
+              "| method | " + " | ".join(f"α={a:g} global | α={a:g} local" for a in alphas) + " |",
+              "|---|" + "---|" * (2 * len(alphas))]
+    for method in ABLATIONS:
+        row = [method]
+        for a in alphas:
+            recs = cells.get((method, a), [])
+            row += [_mean_std(_final(recs, "global_accuracy")), _mean_std(_final(recs, "local_accuracy_mean"))]
+        lines.append("| " + " | ".join(row) + " |")
+
+    lines += ["", f"## Fig. 3 analogue: rounds to converge (first round within {CONVERGENCE_TOLERANCE:g} of the run's best "
+              "global accuracy) and local accuracy (mean [min, max] over clients, final round)", "",
+              "| method | α | rounds to converge | local acc mean | local acc range | conflict share (mean over rounds) |",
+              "|---|---|---|---|---|---|"]
+    for (method, a), recs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        conv = [rounds_to_converge([r["global_accuracy"] for r in rec["rounds"]]) for rec in recs]
+        lows, highs = _final(recs, "local_accuracy_min"), _final(recs, "local_accuracy_max")
+        shares = [np.nanmean([r.get("conflict_share", np.nan) if r.get("conflict_share") is not None else np.nan
+                              for r in rec["rounds"]]) for rec in recs]
+        share = f"{np.nanmean(shares):.4f}" if np.isfinite(np.nanmean(shares)) else "-"
+        spread = (f"[{100 * np.mean([v for v in lows if v is not None]):.1f}, {100 * np.mean([v for v in highs if v is not None]):.1f}]"
+                  if any(v is not None for v in lows) else "-")
+        lines.append(f"| {method} | {a:g} | {np.mean(conv):.1f} | {_mean_std(_final(recs, 'local_accuracy_mean'))} | "
+                     f"{spread} | {share} |")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plots(cells, alphas, out_dir)
+    path = out_dir / "paper_protocol.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _plots(cells, alphas, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not alphas:
+        return
+    alpha = min(alphas)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for (method, a), recs in sorted(cells.items()):
+        if a != alpha:
+            continue
+        curves = np.array([[r["global_accuracy"] for r in rec["rounds"]] for rec in recs])
+        rounds = np.arange(1, curves.shape[1] + 1)
+        axes[0].plot(rounds, curves.mean(0), label=method)
+        local = np.array([[r.get("local_accuracy_mean", np.nan) for r in rec["rounds"]] for rec in recs])
+        axes[1].plot(rounds, np.nanmean(local, 0), label=method)
+        shares = np.array([[r.get("conflict_share") if r.get("conflict_share") is not None else np.nan for r in rec["rounds"]] for rec in recs])
+        if np.isfinite(shares).any():
+            axes[2].plot(rounds, np.nanmean(shares, 0), label=method)
+    for ax, title in zip(axes, ("global accuracy", "mean local accuracy", "conflict share")):
+        ax.set_title(f"{title} per round (α={alpha:g}, mean over seeds)")
+        ax.set_xlabel("round")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"paper_protocol_alpha{alpha:g}.png", dpi=110)
+    plt.close(fig)

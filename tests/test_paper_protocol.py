@@ -1,0 +1,45 @@
+"""Smoke test of the paper benchmark's runner: 1 round, 2 clients, a tiny BERT classifier, 2 methods, resume, report.
+It keeps the script working; no benchmark figure is asserted."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig
+
+from .conftest import VOCAB, tiny_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import paper_protocol  # noqa: E402
+
+
+def test_grid_runs_resumes_and_reports(tmp_path, capsys):
+    model_dir = tmp_path / "tiny_bert"
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                        max_position_embeddings=64, num_labels=10, pad_token_id=0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    results = tmp_path / "results.jsonl"
+    argv = ["--model", str(model_dir), "--num-rounds", "1", "--num-clients", "2", "--num-experts", "4",
+            "--max-train-samples-per-client", "4", "--max-global-eval-samples", "8", "--max-local-eval-samples", "4",
+            "--methods", "fedavg,fcmoe", "--alphas", "1.0", "--seeds", "0", "--results", str(results)]
+    paper_protocol.main(argv)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["method"] for r in records] == ["fedavg", "fcmoe"]
+    final = records[1]["rounds"][-1]
+    assert {"global_accuracy", "global_f1", "local_accuracy_mean", "conflict_share"} <= set(final)
+    assert len(final["local_accuracy_per_client"]) == 2
+    paper_protocol.main(argv)  # every cell done: nothing runs again
+    assert len(results.read_text().splitlines()) == 2 and "skip" in capsys.readouterr().out
+    paper_protocol.main(["--report", "--results", str(results), "--report-dir", str(tmp_path / "report")])
+    report = (tmp_path / "report" / "paper_protocol.md").read_text()
+    assert "| fcmoe |" in report and (tmp_path / "report" / "paper_protocol_alpha1.png").exists()
+
+
+def test_rounds_to_converge_is_the_first_round_within_a_point_of_the_best():
+    from paper_report import rounds_to_converge
+
+    assert rounds_to_converge([0.1, 0.5, 0.595, 0.6, 0.58]) == 3
+    assert rounds_to_converge([0.7]) == 1
