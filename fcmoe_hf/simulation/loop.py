@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -43,6 +44,7 @@ from .arguments import FederationArguments
 from .checkpoints import CheckpointStore
 from .outputs import write_outputs
 from .progress import ClientProgress
+from .round_metrics import merge_round_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +285,7 @@ class FederatedSimulation:
         return self.history
 
     def _run_round(self, round_index: int, global_state: dict[str, torch.Tensor]):
+        started = time.perf_counter()
         main = self.state.is_main_process
         sampled = self.sample_clients(round_index)
         if main and self.client_config(round_index).retention_mode == "filtered":
@@ -301,8 +304,11 @@ class FederatedSimulation:
         finally:
             progress.close()
         self.state.wait_for_everyone()
-        updates = [ClientUpdate.load(self._update_dir(round_index, cid)) for cid in sampled]
+        update_dirs = [self._update_dir(round_index, cid) for cid in sampled]
+        updates = [ClientUpdate.load(d) for d in update_dirs]
         result = self.aggregator.aggregate(global_state, updates)
+        # Cosine quantiles, expert usage and bytes: measured against the state the clients started from.
+        round_metrics = merge_round_metrics(result, updates, update_dirs, global_state)
         # Materialise the new global state: the next round must not read the (pruned) update files lazily.
         global_state = {k: v.detach().clone() for k, v in result.global_state.items()}
         for client_id in result.client_ids:
@@ -312,12 +318,14 @@ class FederatedSimulation:
         metrics["num_processes"] = self.state.num_processes
         metrics["conflict_share"] = metrics.pop("server_conflict_share", float("nan"))
         metrics["rejected"] = [{"client_id": r.client_id, "reason": r.reason} for r in result.rejected]
+        metrics.update(round_metrics)
         for key, values in train_metrics.items():
             metrics[f"{key.removeprefix('last_')}_mean"] = float(np.mean(values))
         conflicts = {group: d.conflict_share.tolist() for group, d in result.diagnostics.items()}
         last = round_index == self.args.num_rounds
         if main and (round_index % self.args.eval_every == 0 or last):
             metrics.update(self.evaluate(global_state))
+        metrics["round_wall_seconds"] = time.perf_counter() - started  # training + merge + evaluation
         return global_state, metrics, conflicts
 
     # -- outputs ----------------------------------------------------------------------------------------------------
