@@ -230,7 +230,8 @@ def test_fcmoe_config_validation_and_hf_argument_parser():
 
 def test_registry():
     assert available_aggregators() == sorted(
-        ["fcmoe", "fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "ties", "fedmoe", "pfl_moe"]
+        ["fcmoe", "fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "ties", "fedmoe", "pfl_moe",
+         "fedalign_moe"]
     )
     for name in available_aggregators():
         aggregator = build_aggregator(name)

@@ -21,7 +21,10 @@ class FederationArguments:
 
     aggregator: str = field(
         default="fcmoe",
-        metadata={"help": "Server merge: fcmoe, fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ties, fedmoe, pfl_moe."},
+        metadata={
+            "help": "Server merge, by registered name (fcmoe_hf.federated.available_aggregators()): fcmoe, fedavg, "
+            "fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ties, fedmoe, fedalign_moe, pfl_moe, or your own."
+        },
     )
     aggregator_config: Union[dict, str, None] = field(
         default=None, metadata={"help": "Aggregator config overrides, a dict (YAML) or a JSON string."}
@@ -65,6 +68,10 @@ class FederationArguments:
             raise ValueError(f"fraction_fit must be in (0, 1], got {self.fraction_fit}.")
         if self.min_fit_clients < 1:
             raise ValueError(f"min_fit_clients must be >= 1, got {self.min_fit_clients}.")
+        from ..federated import available_aggregators
+
+        if self.aggregator not in available_aggregators():
+            raise ValueError(f"aggregator must be one of {available_aggregators()}, got {self.aggregator!r}.")
         if self.task not in available_tasks():
             raise ValueError(f"task must be one of {available_tasks()}, got {self.task!r}.")
         if self.eval_every < 1:
