@@ -30,11 +30,15 @@ class ClientConfig:
         retention_lambda (`float`): FC-MoE's local knowledge retention (arXiv:2606.15625, Eq. 6): a client starts
             its round from `Theta + lambda * R` with `R` its retained residual. 0 starts from the global state.
         retention_mode (`str`): which residual (`"projection"`, Eq. 5 as printed, or `"filtered"`).
+        personalization (`str`): client-side personalization next to the federated adapter. `"none"` (default), or
+            `"pfl_moe"`: PFL-MoE (arXiv:2012.15589), a personal adapter and a gate kept on the client
+            ([`~fcmoe_hf.personalization.train_pfl_moe_client`]).
     """
 
     proximal_mu: float = field(default=0.0, metadata={"help": "FedProx proximal coefficient mu (0: off)."})
     retention_lambda: float = field(default=0.0, metadata={"help": "Retention strength lambda (0: start from Theta)."})
     retention_mode: str = field(default="projection", metadata={"help": "Residual: 'projection' or 'filtered'."})
+    personalization: str = field(default="none", metadata={"help": "Client-side personalization: 'none' or 'pfl_moe'."})
 
     def __post_init__(self):
         if not self.proximal_mu >= 0:
@@ -43,6 +47,8 @@ class ClientConfig:
             raise ValueError(f"ClientConfig.retention_lambda must be >= 0, got {self.retention_lambda!r}.")
         if self.retention_mode not in ("projection", "filtered"):
             raise ValueError(f"ClientConfig.retention_mode must be 'projection' or 'filtered', got {self.retention_mode!r}.")
+        if self.personalization not in ("none", "pfl_moe"):
+            raise ValueError(f"ClientConfig.personalization must be 'none' or 'pfl_moe', got {self.personalization!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a flat `{field: scalar}` dict."""

@@ -140,7 +140,12 @@ class FederatedSimulation:
         self, global_state: Mapping[str, torch.Tensor], client_id: str, round_index: Optional[int] = None
     ) -> Mapping[str, torch.Tensor]:
         """Client `client_id`'s personalized adapter: the point it starts `round_index` from (by default the round
-        after the last one run): the global state plus lambda x its retained residual."""
+        after the last one run): the global state plus lambda x its retained residual.
+
+        With PFL-MoE personalization this is the global state: the client's personal adapter and gate are apart,
+        under `clients/<client_id>/personal/` ([`~fcmoe_hf.personalization.PersonalStateStore`]), and its local model
+        is their mixture with this state ([`evaluate`]).
+        """
         config = self.client_config(round_index if round_index is not None else len(self.history) + 1)
         previous = self._last_update(client_id)
         if previous is None or config.retention_lambda == 0:
@@ -186,19 +191,54 @@ class FederatedSimulation:
         # Release the wrapped engine: a DeepSpeed engine keeps gradient hooks on the shared model's parameters, which
         # would fire again (double reduction) under the next client's engine.
         trainer.accelerator.free_memory()
+        if args.personalization == "pfl_moe":
+            # PFL-MoE (arXiv:2012.15589): with the round's global adapter frozen, the client's personal adapter and
+            # gate train on its data. They stay with the client (clients/<id>/personal/), never in its update.
+            from ..personalization import PersonalStateStore, train_pfl_moe_client
+
+            store = PersonalStateStore(self.run_dir / "clients")
+            kept = store.load(client_id, before_round=round_index)
+            set_federated_state(self.model, global_state)
+            personal, losses = train_pfl_moe_client(
+                self.model, self.train_sets[index], args, self.task.data_collator,
+                personal=kept[1] if kept is not None else None, split_seed=self.seed + index,
+            )
+            logger.info(f"{client_id} round {round_index}: PFL-MoE personal training {losses}")
+            if self.state.is_main_process:
+                peft_config = dataclasses.replace(self.model.peft_config[self.model.active_adapter], inference_mode=True)
+                peft_config.base_model_name_or_path = self.args.base_model_id or peft_config.base_model_name_or_path
+                store.save(client_id, round_index, personal, peft_config)
         return update
 
     def evaluate(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Global adapter on the global test set, each client's personalized adapter on its local test set."""
+        """Global adapter on the global test set, each client's personalized adapter on its local test set.
+
+        With PFL-MoE personalization a client's local model is the mixture of the global adapter with its personal
+        adapter through its gate ([`~fcmoe_hf.personalization.PFLMoEModel`]); a client that has not trained one yet
+        is scored with the global adapter (a mixture of two equal models).
+        """
         metrics: dict[str, float] = {}
         global_test = self._limit(self.splits.global_test, self.args.max_global_eval_samples)
         set_federated_state(self.model, global_state)
         metrics.update({f"global_{k}": v for k, v in self._score(global_test).items()})
+        store = None
+        if self.client_config(len(self.history) + 1).personalization == "pfl_moe":
+            from ..personalization import PersonalStateStore, PFLMoEModel
+
+            store = PersonalStateStore(self.run_dir / "clients")
+            latest = self.checkpoints.latest()  # states newer than the round after it would be from an abandoned run
+            before_round = (int(latest.name.removeprefix("round_")) if latest is not None else 0) + 2
         local: dict[str, list[float]] = {}
         for index, client_id in enumerate(self.client_ids):
             test = self._limit(self.splits.clients[index]["test"], self.args.max_local_eval_samples)
             set_federated_state(self.model, self.personalized_state(global_state, client_id))
-            for key, value in self._score(test).items():
+            kept = store.load(client_id, before_round) if store is not None else None
+            if kept is None:
+                scores = self._score(test)
+            else:
+                with PFLMoEModel(self.model, kept[1]) as mixture:
+                    scores = self.task.evaluate(mixture, test, batch_size=self.args.eval_batch_size)
+            for key, value in scores.items():
                 local.setdefault(key, []).append(value)
                 metrics[f"{client_id}/local_{key}"] = value
         for key, values in local.items():

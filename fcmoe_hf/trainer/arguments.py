@@ -35,6 +35,13 @@ class FederatedClientArguments:
             "printed); 'filtered' = the part of the previous update the server's projection removed."
         },
     )
+    personalization: Literal["none", "pfl_moe"] = field(
+        default="none",
+        metadata={
+            "help": "Client-side personalization next to the federated adapter: 'none', or 'pfl_moe' (PFL-MoE, "
+            "arXiv:2012.15589: a personal adapter and a gate that never leave the client)."
+        },
+    )
     moe_lora_aux_loss_coef: Optional[float] = field(
         default=None,
         metadata={
@@ -62,6 +69,8 @@ class FederatedClientArguments:
             raise ValueError(f"retention_lambda must be >= 0, got retention_lambda={self.retention_lambda}.")
         if self.retention_mode not in ("projection", "filtered"):
             raise ValueError(f"retention_mode must be 'projection' or 'filtered', got {self.retention_mode!r}.")
+        if self.personalization not in ("none", "pfl_moe"):
+            raise ValueError(f"personalization must be 'none' or 'pfl_moe', got {self.personalization!r}.")
         for name in ("moe_lora_aux_loss_coef", "moe_lora_z_loss_coef"):
             value = getattr(self, name)
             if value is not None and value < 0:

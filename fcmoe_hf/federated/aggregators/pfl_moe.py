@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..client_config import ClientConfig
 from .fedavg import FedAvgAggregator, FedAvgConfig
 from .registry import register_aggregator
 
@@ -24,6 +25,12 @@ class PFLMoEAggregator(FedAvgAggregator):
     trains a personal copy (on 3/4 of its data) and a gate `g = sigmoid(w . x)` (on 1/4) that mixes the two:
     `output = g * f_global + (1 - g) * f_personal`. The personal copy and the gate never leave the client, so the
     server returns only the global state; `personalized_state` is the global state (the mixing is client-side).
+    [`configure_client`] asks the clients for that local part (`ClientConfig(personalization="pfl_moe")`, carried out
+    by [`~fcmoe_hf.personalization.train_pfl_moe_client`]).
     """
 
     config_class = PFLMoEConfig
+
+    def configure_client(self, server_round: int) -> ClientConfig:
+        """Every round: plain local training of the global adapter, plus PFL-MoE's personal adapter and gate."""
+        return ClientConfig(personalization="pfl_moe")
