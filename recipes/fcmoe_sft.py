@@ -25,6 +25,7 @@ from transformers import HfArgumentParser, set_seed
 from fcmoe_hf import MoELoraConfig
 from fcmoe_hf.config_parsing import parse_yaml_and_args
 from fcmoe_hf.data import PartitionConfig, load_bundled_fortunes, load_text_dataset, partition_dataset
+from fcmoe_hf.hub import HubPublisher
 from fcmoe_hf.modeling import DEFAULT_MODEL, hub_model_id
 from fcmoe_hf.simulation import FederatedSimulation, FederationArguments
 from fcmoe_hf.tasks import build_task
@@ -100,6 +101,9 @@ def _main(argv: Optional[list[str]] = None) -> None:
         (ModelArguments, MoEAdapterArguments, DataArguments, PartitionConfig, FederationArguments, FederatedMoETrainingArguments)
     )
     model_args, adapter_args, data_args, partition, federation, training_args = parse_yaml_and_args(parser, argv)
+    if training_args.push_to_hub and PartialState().is_main_process:
+        # A missing token or a repo owned by someone else is an error now, not after hours of training.
+        HubPublisher.from_training_args(training_args, training_args.output_dir)
 
     if data_args.dataset == "fortunes":
         corpus = load_bundled_fortunes()

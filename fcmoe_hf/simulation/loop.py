@@ -37,6 +37,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from ..data import ClientSplits
 from ..federated import Aggregator, ClientConfig, ClientUpdate, build_aggregator, retained_start
+from ..hub.push import HubPublisher
 from ..reporting import RoundLogger, truncate_jsonl
 from ..tasks import Task, build_task
 from ..trainer import FederatedMoETrainer, FederatedMoETrainingArguments, get_federated_state, set_federated_state
@@ -292,6 +293,10 @@ class FederatedSimulation:
     def run(self) -> list[dict[str, Any]]:
         """Run (or resume) the federation; returns the per-round metrics (main process; `[]` elsewhere)."""
         main = self.state.is_main_process
+        # The federation publishes (TrainingArguments' hub fields), checked before any training; the clients' Trainers
+        # never push nor create a repo: a client's checkpoint is built from its private data.
+        publisher = HubPublisher.from_training_args(self.training_args, self.run_dir) if main else None
+        self.training_args = dataclasses.replace(self.training_args, push_to_hub=False, hub_token=None)
         start_round, global_state = (0, None)
         if self.args.resume:
             start_round, global_state = self._load_checkpoint()
@@ -315,12 +320,17 @@ class FederatedSimulation:
                 self.history.append({"round": round_index, **metrics})
                 bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k in _SHOWN})
                 self._checkpoint(round_index, global_state)
+                if publisher is not None and publisher.every_round and round_index < self.args.num_rounds:
+                    write_outputs(self, global_state)
+                    publisher.push(self.run_dir)  # logs a failure; the next round's push carries the missing state
             self.state.wait_for_everyone()
             if self.on_round_end is not None:
                 self.on_round_end(round_index, metrics)
         if main:
             round_logger.close()
             self.finalize(global_state)
+            if publisher is not None:
+                publisher.push(self.run_dir)
         self.state.wait_for_everyone()
         return self.history
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..hub import render_model_card, save_adapter
+from ..hub.push import OUTPUTS_FILE
 from ..reporting import plot_conflict_heatmap, plot_metrics
 
 if TYPE_CHECKING:
@@ -61,6 +63,15 @@ def write_outputs(simulation: FederatedSimulation, global_state: Mapping[str, to
     heatmap = plot_conflict_heatmap(run_dir, run_dir / "plots" / "conflict_heatmap.png")
     outputs.update({k: v for k, v in (("metrics_plot", metrics_plot), ("conflict_heatmap", heatmap)) if v is not None})
     outputs["metrics"] = run_dir / "metrics.jsonl"
+    # Written last, atomically: which round the adapters above hold (what `fcmoe_hf.hub.push_federated_adapters` reads).
+    record = {
+        "round": common["final_round"], "base_model": base_model, "aggregator": args.aggregator,
+        "clients": list(simulation.client_ids) if args.save_client_adapters else [],
+    }
+    tmp = run_dir / f"{OUTPUTS_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, run_dir / OUTPUTS_FILE)
+    outputs["outputs"] = run_dir / OUTPUTS_FILE
     return outputs
 
 

@@ -22,7 +22,7 @@ CARD_TAGS = ["fcmoe_hf", "peft", "moe-lora", "mixture-of-experts", "federated-le
 
 def model_card_template(kind: Literal["global", "client"]) -> Path:
     """Path of the `model_cards/<kind>.md` template (from a clone, or from the installed package's data files)."""
-    for root in (Path(__file__).resolve().parents[1] / "model_cards", Path(sys.prefix) / "share" / "fcmoe_hf" / "model_cards"):
+    for root in (Path(__file__).resolve().parents[2] / "model_cards", Path(sys.prefix) / "share" / "fcmoe_hf" / "model_cards"):
         path = root / f"{kind}.md"
         if path.is_file():
             return path
