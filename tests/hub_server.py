@@ -29,6 +29,22 @@ def git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def _metadata_errors(metadata: dict) -> list[dict[str, str]]:
+    """What the Hub refuses in a model card's metadata (the checks the cards here need)."""
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    errors = []
+    for key, kind in (("library_name", str), ("license", str), ("base_model", str), ("tags", list), ("datasets", list)):
+        if key in metadata and not isinstance(metadata[key], kind):
+            errors.append({"message": f"{key} must be a {kind.__name__}"})
+    if "model-index" in metadata:
+        try:
+            model_index_to_eval_results(metadata["model-index"])
+        except (KeyError, TypeError, ValueError) as err:
+            errors.append({"message": f"invalid model-index: {err!r}"})
+    return errors
+
+
 class HubError(Exception):
     def __init__(self, status: int, message: str, code: Optional[str] = None):
         super().__init__(message)
@@ -236,6 +252,8 @@ def _handler(server: HubServer):
                     metadata = yaml.safe_load(content.split("---", 2)[1]) or {}
                     if not isinstance(metadata, dict):
                         errors.append({"message": "metadata must be a mapping"})
+                    else:
+                        errors += _metadata_errors(metadata)
                 except yaml.YAMLError as err:
                     errors.append({"message": f"invalid YAML: {err}"})
             return self._json({"errors": errors, "warnings": []}, 400 if errors else 200)

@@ -115,6 +115,29 @@ except Exception as err:
     print("anonymous read refused:", type(err).__name__)
 else:
     raise AssertionError("anonymous read of the private clients repo succeeded")
+
+# the published cards parse, their metadata validates, and their how-to-load snippets work as written
+import os, re, transformers
+from huggingface_hub import HfApi, ModelCard
+transformers.AutoModelForCausalLM.from_pretrained = staticmethod(lambda name, **kwargs: base())
+os.environ["HF_TOKEN"] = "tok-alice"  # the clients' repository is private: the snippet needs a login
+for repo_id, expected in (("alice/demo", tmp / "run" / "global_adapter"), ("alice/demo-clients", client)):
+    card = ModelCard.load(repo_id) if repo_id == "alice/demo" else None
+    if card is None:
+        from huggingface_hub import hf_hub_download
+        card = ModelCard.load(hf_hub_download(repo_id, "client_1/README.md"))
+    # ModelCard.validate() asks huggingface.co whatever HF_ENDPOINT says: ask this Hub's validate-yaml, as a push does
+    HfApi()._validate_yaml(card.content, repo_type="model")
+    assert card.data.eval_results and card.data.eval_results[0].metric_value is not None
+    data = card.data.to_dict()
+    assert data["library_name"] == "peft" and data["base_model"] == "tiny-llama" and data["license"]
+    assert "fcmoe_hf" in data["tags"] and data["model-index"][0]["results"]
+    snippet = re.search("```python(.*?)```", card.text, re.S).group(1)
+    assert "import fcmoe_hf" in snippet
+    scope = {}
+    exec(snippet, scope)
+    assert torch.equal(logits(scope["model"]), local(expected)), repo_id
+print("cards ok")
 """
 
 
@@ -145,7 +168,12 @@ def test_federation_pushes_every_round_and_adapters_load_in_a_fresh_process(hub,
     # never pushed: raw updates, checkpoints, optimizer state, data
     assert not any(part in f for f in files | client_files for part in ("updates", "checkpoint", "optimizer", "rounds/"))
     proc = run_py(hub, LOAD, str(pushed_run))
-    assert "anonymous read refused" in proc.stdout
+    assert "anonymous read refused" in proc.stdout and "cards ok" in proc.stdout
+    card = hub.blob(hub.tree("alice/demo", "main")["README.md"]).decode()
+    assert "plots/metrics.png" in card and "plots/conflict_heatmap.png" in card and "round-2" in card
+    assert "alice/demo-clients" in card and "Communicated:" in card and "fcmoe" in card
+    index = hub.blob(hub.tree("alice/demo-clients", "main")["README.md"]).decode()
+    assert "client_2/" in index and "private" in index
 
 
 def test_cli_repush_of_the_same_round_makes_no_commit(hub, pushed_run):

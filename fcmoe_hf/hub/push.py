@@ -20,6 +20,8 @@ import httpx
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
+from .cards import hub_cards
+
 logger = logging.getLogger(__name__)
 
 #: Written by [`~fcmoe_hf.simulation.outputs.write_outputs`] next to the adapters: which round they hold.
@@ -124,9 +126,10 @@ class PushResult:
     tags: list[str] = field(default_factory=list)
 
 
-def _operations(files: dict[str, Path]) -> list[CommitOperationAdd]:
+def _operations(files: dict[str, Path | bytes]) -> list[CommitOperationAdd]:
     # Fresh objects on every attempt: huggingface_hub mutates (and may free) an operation once it is uploaded.
-    return [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in sorted(files.items())]
+    return [CommitOperationAdd(path_in_repo=p, path_or_fileobj=f if isinstance(f, bytes) else str(f))
+            for p, f in sorted(files.items())]
 
 
 def _publish(
@@ -199,8 +202,12 @@ def push_federated_adapters(
     repo_id = check_hub_access(repo_id, token, api)
     clients_repo_id = check_hub_access(clients_repo_id or clients_repo_for(repo_id), token, api)
 
+    # The cards as published: repo ids in the how-to-load snippets, links between the global card and the clients'.
+    with_clients = push_clients and bool(outputs.get("clients"))
+    cards = hub_cards(outputs, repo_id, clients_repo_id if with_clients else None, api.endpoint)
     global_dir = run_dir / "global_adapter"
-    files = {name: global_dir / name for name in ADAPTER_FILES if (global_dir / name).is_file()}
+    files: dict[str, Path | bytes] = {n: global_dir / n for n in ADAPTER_FILES[:2] if (global_dir / n).is_file()}
+    files["README.md"] = cards["README.md"]
     files.update({f"plots/{name}": run_dir / "plots" / name for name in PLOT_FILES if (run_dir / "plots" / name).is_file()})
     if "adapter_model.safetensors" not in files:
         raise FileNotFoundError(f"{global_dir} holds no adapter.")
@@ -211,15 +218,14 @@ def push_federated_adapters(
     logger.info(f"Pushed round {pushed_round}'s global adapter to {repo_id} ({commit[:8]}, tag {round_tag(pushed_round)})")
 
     clients = outputs.get("clients") or []
-    if push_clients and clients:
+    if with_clients:
         if private_clients:
             _refuse_public(api, clients_repo_id, retries)
-        files = {}
+        files = {"README.md": cards["clients:README.md"]}
         for client_id in clients:
             adapter = run_dir / "clients" / client_id / "adapter"
-            files.update({f"{client_id}/{n}": adapter / n for n in ADAPTER_FILES if (adapter / n).is_file()})
-        if (run_dir / "clients" / "README.md").is_file():
-            files["README.md"] = run_dir / "clients" / "README.md"
+            files.update({f"{client_id}/{n}": adapter / n for n in ADAPTER_FILES[:2] if (adapter / n).is_file()})
+            files[f"{client_id}/README.md"] = cards[f"{client_id}/README.md"]
         message = commit_message or f"Round {pushed_round} personalized client adapters"
         result.clients_repo_id = clients_repo_id
         result.clients_commit = _publish(

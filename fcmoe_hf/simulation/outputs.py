@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..hub import render_model_card, save_adapter
+from ..hub import save_adapter
+from ..hub.cards import render_card
 from ..hub.push import OUTPUTS_FILE
 from ..reporting import plot_conflict_heatmap, plot_metrics
 
@@ -33,11 +34,16 @@ def write_outputs(simulation: FederatedSimulation, global_state: Mapping[str, to
     peft_config.base_model_name_or_path = base_model
     final = simulation.history[-1] if simulation.history else {}
     common = card_fields(simulation, peft_config)
+    record: dict[str, Any] = {
+        "round": common["final_round"], "base_model": base_model, "aggregator": args.aggregator,
+        "task_type": simulation.task.task_type, "dataset": getattr(simulation, "dataset_id", None),
+        "clients": list(simulation.client_ids) if args.save_client_adapters else [],
+    }
     global_metrics = {k: v for k, v in final.items() if k.startswith(("global_", "local_")) and isinstance(v, float)}
-    card = render_model_card(
-        "global", base_model, global_metrics, model_name=f"{run_dir.name} global adapter",
-        repo_id=str(run_dir / "global_adapter"), **common,
-    )
+    record["cards"] = {"global": {"metrics": global_metrics, "model_name": f"{run_dir.name} global adapter",
+                                  "clients_repo_id": str(run_dir / "clients") if args.save_client_adapters else None,
+                                  **common}, "clients": {}}
+    card = render_card(record, "global", repo_id=str(run_dir / "global_adapter"))
     outputs["global_adapter"] = save_adapter(run_dir / "global_adapter", global_state, peft_config, card)
     if args.save_client_adapters:
         for index, client_id in enumerate(simulation.client_ids):
@@ -45,13 +51,14 @@ def write_outputs(simulation: FederatedSimulation, global_state: Mapping[str, to
                 k.split("/", 1)[1]: v for k, v in final.items() if k.startswith(f"{client_id}/") and isinstance(v, float)
             }
             client = simulation.splits.clients[index]
-            card = render_model_card(
-                "client", base_model, client_metrics, model_name=f"{run_dir.name} {client_id} adapter",
-                client_id=client_id, repo_id=str(run_dir / "clients" / client_id / "adapter"),
-                global_repo_id=str(run_dir / "global_adapter"), num_train_samples=client["train"].num_rows,
-                num_test_samples=client["test"].num_rows,
-                retention_lambda=simulation.client_config(final.get("round", args.num_rounds)).retention_lambda, **common,
-            )
+            record["cards"]["clients"][client_id] = {
+                "metrics": client_metrics, "model_name": f"{run_dir.name} {client_id} adapter", "client_id": client_id,
+                "num_train_samples": client["train"].num_rows, "num_test_samples": client["test"].num_rows,
+                "retention_lambda": simulation.client_config(final.get("round", args.num_rounds)).retention_lambda,
+                **common,
+            }
+            card = render_card(record, client_id, repo_id=str(run_dir / "clients" / client_id / "adapter"),
+                               global_repo_id=str(run_dir / "global_adapter"))
             save_adapter(
                 run_dir / "clients" / client_id / "adapter", simulation.personalized_state(global_state, client_id),
                 peft_config, card,
@@ -63,13 +70,10 @@ def write_outputs(simulation: FederatedSimulation, global_state: Mapping[str, to
     heatmap = plot_conflict_heatmap(run_dir, run_dir / "plots" / "conflict_heatmap.png")
     outputs.update({k: v for k, v in (("metrics_plot", metrics_plot), ("conflict_heatmap", heatmap)) if v is not None})
     outputs["metrics"] = run_dir / "metrics.jsonl"
-    # Written last, atomically: which round the adapters above hold (what `fcmoe_hf.hub.push_federated_adapters` reads).
-    record = {
-        "round": common["final_round"], "base_model": base_model, "aggregator": args.aggregator,
-        "clients": list(simulation.client_ids) if args.save_client_adapters else [],
-    }
+    # Written last, atomically: which round the adapters above hold, and their cards' fields (what
+    # `fcmoe_hf.hub.push_federated_adapters` reads to publish them).
     tmp = run_dir / f"{OUTPUTS_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
+    tmp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(tmp, run_dir / OUTPUTS_FILE)
     outputs["outputs"] = run_dir / OUTPUTS_FILE
     return outputs
@@ -95,4 +99,20 @@ def card_fields(simulation: FederatedSimulation, peft_config) -> dict[str, Any]:
         "final_round": simulation.history[-1]["round"] if simulation.history else 0,
         "local_epochs": simulation.training_args.num_train_epochs,
         "learning_rate": simulation.training_args.learning_rate,
+        # Bytes communicated over the rounds of this run: the clients' updates up, the global state down.
+        "bytes_uploaded": format_bytes(sum(
+            h.get("bytes_uploaded_per_client_mean") or 0 for h in simulation.history
+        ) * len(simulation.sample_clients(1))),
+        "bytes_downloaded": format_bytes(sum(
+            h.get("bytes_downloaded_per_client") or 0 for h in simulation.history
+        ) * len(simulation.sample_clients(1))),
     }
+
+
+def format_bytes(count: float) -> str:
+    """`count` bytes, human-readable (`"12.3 MB"`)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"
