@@ -313,3 +313,13 @@ def test_mixin_warns_once_about_missing_federated_fields(tmp_path, caplog):
     trainer.train()
     update = trainer.client_update()
     assert update.client_id == "client_0" and update.round == 0
+
+
+def test_federation_pushes_the_final_round_by_default():
+    from transformers import HfArgumentParser
+    from transformers.trainer_utils import HubStrategy
+
+    assert FederatedMoETrainingArguments(output_dir="x").hub_strategy == HubStrategy.END
+    parsed = HfArgumentParser(FederatedMoETrainingArguments).parse_args_into_dataclasses(["--output_dir", "x"])[0]
+    assert parsed.hub_strategy == HubStrategy.END
+    assert FederatedMoETrainingArguments(output_dir="x", hub_strategy="every_save").hub_strategy == HubStrategy.EVERY_SAVE

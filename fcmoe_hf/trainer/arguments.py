@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import HubStrategy
 
 
 @dataclass
@@ -81,8 +82,17 @@ class FederatedClientArguments:
 class FederatedMoETrainingArguments(FederatedClientArguments, TrainingArguments):
     """`TrainingArguments` plus [`FederatedClientArguments`], for [`FederatedMoETrainer`].
 
-    Every `TrainingArguments` field keeps its meaning and default.
+    Every `TrainingArguments` field keeps its meaning and default, except `hub_strategy`, whose default is `"end"`: a
+    federation pushes its final round unless asked for every round (`"every_save"`). Client trainers never push.
     """
+
+    hub_strategy: Union[HubStrategy, str] = field(
+        default="end",
+        metadata={
+            "help": "When the federation pushes to the Hub (with push_to_hub): 'end' (default) the final round only; "
+            "'every_save' (or 'checkpoint', 'all_checkpoints') every round."
+        },
+    )
 
 
 def training_args_from_call(args: tuple, kwargs: dict):
