@@ -127,6 +127,8 @@ def _main(argv: Optional[list[str]] = None) -> None:
     model = get_peft_model(model, adapter_args.to_config(task.task_type))
     if federation.base_model_id is None:
         federation.base_model_id = hub_model_id(model_args.model_name_or_path)
+    if federation.dataset_id is None and data_args.dataset != "fortunes" and not os.path.exists(data_args.dataset):
+        federation.dataset_id = data_args.dataset  # a Hub dataset id (the bundled corpus and local paths are not)
 
     simulation = FederatedSimulation(model, tokenizer, splits, federation, training_args, task=task)
     history = simulation.run()

@@ -53,6 +53,9 @@ class FederationArguments:
     base_model_id: Optional[str] = field(
         default=None, metadata={"help": "Base model id written into adapter configs and model cards."}
     )
+    dataset_id: Optional[str] = field(
+        default=None, metadata={"help": "Hub dataset id the clients' data comes from, for the model cards' metadata."}
+    )
 
     def __post_init__(self):
         from ..tasks import available_tasks

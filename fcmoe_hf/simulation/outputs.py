@@ -36,7 +36,7 @@ def write_outputs(simulation: FederatedSimulation, global_state: Mapping[str, to
     common = card_fields(simulation, peft_config)
     record: dict[str, Any] = {
         "round": common["final_round"], "base_model": base_model, "aggregator": args.aggregator,
-        "task_type": simulation.task.task_type, "dataset": getattr(simulation, "dataset_id", None),
+        "task_type": simulation.task.task_type, "dataset": simulation.args.dataset_id,
         "clients": list(simulation.client_ids) if args.save_client_adapters else [],
     }
     global_metrics = {k: v for k, v in final.items() if k.startswith(("global_", "local_")) and isinstance(v, float)}
