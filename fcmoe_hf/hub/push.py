@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ def read_outputs(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {run_dir} holds no finished (or checkpointed and published) round. Finish or resume the "
-            "run (its adapters are written at the end, and after every round with --push_to_hub --hub_strategy every_save)."
+            "run (its adapters are written at the end, and after every round with --push_to_hub --hub_strategy every_save), "
+            "or push its latest checkpoint with `push_federated_adapters`."
         )
     return json.loads(path.read_text())
 
@@ -169,7 +171,12 @@ def push_federated_adapters(
     max_retries: int = 4,
     backoff: float = 1.0,
 ) -> PushResult:
-    """Push the adapters of a run directory's latest written round to the Hub, and tag it `round-<N>`.
+    """Push the adapters of a run directory's latest round to the Hub, and tag it `round-<N>`.
+
+    The latest round is that of the adapters the run wrote (`outputs.json`, at the end or after every round with
+    `hub_strategy="every_save"`), or that of its latest checkpoint when it is newer (a run killed after round `N` with
+    `hub_strategy="end"`): its adapters are then exported from the checkpoint
+    ([`~fcmoe_hf.simulation.export.export_checkpoint`]) into a temporary directory and pushed from there.
 
     Args:
         run_dir (`str` or `Path`): a run directory of [`~fcmoe_hf.simulation.FederatedSimulation`] (or the recipe).
@@ -178,7 +185,8 @@ def push_federated_adapters(
         push_clients (`bool`, *optional*, defaults to `True`): push the clients' personalized adapters.
         private_clients (`bool`, *optional*, defaults to `True`): create the clients' repository private, and refuse to
             push personalized adapters (which carry information about their clients' data) into a public one.
-        round (`int`, *optional*): the round expected in `run_dir` (an error if its adapters hold another one).
+        round (`int`, *optional*): the round to push: that of the written adapters or of the latest checkpoint (a
+            `ValueError` naming the available rounds otherwise); the newest of the two by default.
         token (`str`, *optional*): a token with write access (default: `HF_TOKEN` or the saved login).
         commit_message (`str`, *optional*): defaults to `"Round <N> ..."`.
         private (`bool`, *optional*): visibility of the global repository when it is created.
@@ -190,13 +198,40 @@ def push_federated_adapters(
         [`PushResult`]: the round and the commits tagged `round-<N>`.
     """
     run_dir = Path(run_dir)
+    written = int(read_outputs(run_dir)["round"]) if (run_dir / OUTPUTS_FILE).is_file() else None
+    from ..simulation.export import export_checkpoint, latest_checkpoint_round  # (the simulation imports this module)
+
+    checkpointed = latest_checkpoint_round(run_dir)
+    newest = max(r for r in (written, checkpointed, -1) if r is not None)
+    if newest < 0:
+        read_outputs(run_dir)  # raises: neither written adapters nor a checkpoint
+    wanted = newest if round is None else round
+    if wanted not in (written, checkpointed):
+        available = sorted({r for r in (written, checkpointed) if r is not None})
+        raise ValueError(
+            f"{run_dir} holds round(s) {available} (written adapters: {written}, latest checkpoint: {checkpointed}), "
+            f"not round {round}: earlier rounds that were pushed are on the Hub as tags {round_tag(round)}."
+        )
+    kwargs = dict(
+        clients_repo_id=clients_repo_id, push_clients=push_clients, private_clients=private_clients, token=token,
+        commit_message=commit_message, private=private, revision=revision, max_retries=max_retries, backoff=backoff,
+    )
+    if wanted == written:
+        return _push_written(run_dir, repo_id, **kwargs)
+    # The latest checkpoint is newer than any written adapters (a killed run, hub_strategy="end"): export its round.
+    logger.info(f"{run_dir}: exporting round {wanted} from its latest checkpoint (no adapters written for it)")
+    with tempfile.TemporaryDirectory(prefix="fcmoe-export-") as exported:
+        export_checkpoint(run_dir, exported, round=wanted, clients=push_clients)
+        return _push_written(Path(exported), repo_id, **kwargs)
+
+
+def _push_written(
+    run_dir: Path, repo_id: str, *, clients_repo_id: Optional[str], push_clients: bool, private_clients: bool, token: Optional[str],
+    commit_message: Optional[str], private: Optional[bool], revision: Optional[str], max_retries: int, backoff: float,
+) -> PushResult:
+    # The adapters of a directory laid out as a finished run's (outputs.json, global_adapter/, clients/, plots/).
     outputs = read_outputs(run_dir)
     pushed_round = int(outputs["round"])
-    if round is not None and round != pushed_round:
-        raise ValueError(
-            f"{run_dir} holds the adapters of round {pushed_round}, not round {round} (earlier rounds that were pushed "
-            f"are on the Hub as tags {round_tag(round)})."
-        )
     api = HfApi(token=token)
     retries = {"max_retries": max_retries, "backoff": backoff}
     repo_id = check_hub_access(repo_id, token, api)

@@ -1,8 +1,10 @@
 """Atomic per-round checkpoints of a federation, and resuming from them. Nothing is pickled.
 
 A checkpoint directory `checkpoints/round_NNNN/` holds the global state and the aggregator's state (safetensors), the
-run's bookkeeping (`state.json`) and the RNG states (`rng_state.json` for Python's and NumPy's generators,
-`rng_state.safetensors` for torch's). `latest_checkpoint` names the last complete one: it is replaced atomically after
+run's bookkeeping (`state.json`), the RNG states (`rng_state.json` for Python's and NumPy's generators,
+`rng_state.safetensors` for torch's) and any small extra files the caller adds (the federation adds the adapter's
+`adapter_config.json` and its model cards' fields, so a killed run's latest round can be published:
+[`~fcmoe_hf.simulation.export.export_checkpoint`]). `latest_checkpoint` names the last complete one: it is replaced atomically after
 the directory is written, so a run killed at any point resumes from a complete round. Its content is validated (a
 `round_NNNN` name inside the run's `checkpoints/`) before anything is read.
 """
@@ -68,8 +70,21 @@ class CheckpointStore:
         global_state: Mapping[str, torch.Tensor],
         aggregator_state: Mapping[str, torch.Tensor],
         state: Mapping[str, Any],
+        files: Optional[Mapping[str, bytes]] = None,
     ) -> Path:
-        """Write round `round_index`'s checkpoint, then point `latest_checkpoint` at it atomically; keep the newest."""
+        """Write round `round_index`'s checkpoint, then point `latest_checkpoint` at it atomically; keep the newest.
+
+        Args:
+            round_index (`int`): the round just completed.
+            global_state (`Mapping[str, torch.Tensor]`): the global state after it.
+            aggregator_state (`Mapping[str, torch.Tensor]`): the aggregator's state (server momentum, ...).
+            state (`Mapping[str, Any]`): the run's bookkeeping, JSON-ready (`round` is added).
+            files (`Mapping[str, bytes]`, *optional*): extra files (plain names) written into the checkpoint directory
+                before it is committed.
+        """
+        for name in files or {}:
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"Extra checkpoint file {name!r} is not a plain file name.")
         directory = self.root / checkpoint_name(round_index)
         if directory.exists():
             shutil.rmtree(directory)
@@ -81,6 +96,8 @@ class CheckpointStore:
         (directory / "rng_state.json").write_text(json.dumps(plain))
         with open(directory / "state.json", "w") as f:
             json.dump({"round": round_index, **state}, f, indent=2, default=str)
+        for name, content in (files or {}).items():
+            (directory / name).write_bytes(content)
         tmp = self.run_dir / f"{LATEST_FILE}.tmp"
         tmp.write_text(directory.name)
         os.replace(tmp, self.run_dir / LATEST_FILE)  # the commit point: a kill before it keeps the previous round
@@ -104,6 +121,11 @@ class CheckpointStore:
         if not directory.is_dir():
             raise ValueError(f"{latest} names {name!r}, but {directory} does not exist.")
         return directory
+
+    def latest_round(self) -> Optional[int]:
+        """The round of the latest complete checkpoint, or `None` when the run has none."""
+        directory = self.latest()
+        return None if directory is None else int(directory.name.removeprefix("round_"))
 
     def load(self) -> Optional[tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
         """`(state, global_state, aggregator_state)` of the latest checkpoint (RNG states restored), or `None`."""

@@ -259,6 +259,10 @@ class FederatedSimulation:
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
     def _checkpoint(self, round_index: int, global_state: Mapping[str, torch.Tensor]) -> None:
+        # With the states, what the round's adapter directories need besides weights (their adapter_config.json and
+        # cards' fields): a run killed later can still publish this round (fcmoe_hf.simulation.export).
+        from .outputs import checkpoint_files
+
         self.checkpoints.save(
             round_index, global_state, self.aggregator.state_dict() or {},
             {
@@ -268,6 +272,7 @@ class FederatedSimulation:
                 "aggregator_config": self.aggregator.config.to_dict(),
                 "federation_args": dataclasses.asdict(self.args),
             },
+            files=checkpoint_files(self),
         )
         referenced = {f"round_{r:04d}" for r in self.last_update_round.values()}
         for old in (self.run_dir / "rounds").glob("round_*"):
