@@ -59,16 +59,16 @@ class Protocol:
     task: str = "sequence_classification"
     dataset: Optional[str] = None  # None: the bundled fortunes corpus; else a path load_text_dataset reads
     num_clients: int = 10
-    num_rounds: int = 25
+    num_rounds: int = 10  # the paper: 25
     num_experts: int = 16
     top_k: int = 1
     r: int = 8
     lora_alpha: int = 16
     retention_lambda: float = 0.5
-    max_length: int = 48
-    batch_size: int = 16
+    max_length: int = 32
+    batch_size: int = 8
     learning_rate: float = 5e-4
-    max_train_samples_per_client: Optional[int] = None
+    max_train_samples_per_client: Optional[int] = 32  # None: every training sample, every round
     max_global_eval_samples: Optional[int] = None
     max_local_eval_samples: Optional[int] = None
     min_partition_size: int = 20
@@ -83,7 +83,15 @@ def _commit() -> str:
 
 
 def cell_key(protocol: Protocol, method: str, alpha: float, seed: int) -> str:
-    return f"{protocol.model}/{protocol.task}/{method}/alpha={alpha:g}/seed={seed}/lr={protocol.learning_rate:g}/rounds={protocol.num_rounds}"
+    """A cell's identity: the method, alpha and seed under one exact protocol (any field changed is a new cell)."""
+    return f"{protocol.model}/{protocol.task}/{method}/alpha={alpha:g}/seed={seed}/protocol={protocol_id(protocol)}"
+
+
+def protocol_id(protocol: Protocol) -> str:
+    """A short, stable digest of every protocol field."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(dataclasses.asdict(protocol), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -272,10 +280,13 @@ def run_cell(protocol: Protocol, method: str, alpha: float, seed: int) -> dict[s
 # -------------------------------------------------------------------------------------------------------- the grid
 
 
-def run_grid(protocol: Protocol, methods, alphas, seeds, results: Path) -> None:
-    done = {r["key"] for r in read_records(results) if r.get("kind") == "cell"}
-    cells = [(a, s, m) for a in alphas for s in seeds for m in methods]
+def run_grid(protocol: Protocol, methods, alphas, seeds, results: Path, shard: tuple[int, int] = (0, 1)) -> None:
+    """Run every unfinished cell (alphas outermost); with `shard=(i, n)`, only cells i, i + n, i + 2n, ... of the grid,
+    so that n processes (one thread each) share a machine's cores and one raw file."""
+    index, count = shard
+    cells = [(a, s, m) for a in alphas for s in seeds for m in methods][index::count]
     for alpha, seed, method in cells:
+        done = {r["key"] for r in read_records(results) if r.get("kind") == "cell"}
         key = cell_key(protocol, method, alpha, seed)
         if key in done:
             print(f"skip {key} (done)", flush=True)
@@ -317,6 +328,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--report", action="store_true", help="write tables and plots from --results, run nothing")
     parser.add_argument("--report-dir", type=Path, default=None, help="where --report writes (default: beside --results)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--shard", default="0/1", help="i/n: run cells i, i+n, ... (n processes share one raw file)")
     for field in dataclasses.fields(Protocol):
         kind = {int: int, float: float}.get(type(field.default), str)
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
@@ -342,8 +354,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         chosen = lr_sweep(protocol, [float(x) for x in args.lr_sweep.split(",")], args.results)
         print(f"chosen learning rate: {chosen:g}")
         return
+    shard = tuple(int(x) for x in args.shard.split("/"))
+    if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+        parser.error(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}")
     run_grid(protocol, args.methods.split(","), [float(a) for a in args.alphas.split(",")],
-             [int(s) for s in args.seeds.split(",")], args.results)
+             [int(s) for s in args.seeds.split(",")], args.results, shard)
 
 
 if __name__ == "__main__":

@@ -55,10 +55,18 @@ def write_report(results: Path, out_dir: Path) -> Path:
 
 def _write_report(results: Path, out_dir: Path) -> Path:
     records = [json.loads(line) for line in Path(results).read_text().splitlines() if line.strip()]
-    # The grid's protocol is that of the newest cells; the sweep's cells are reported only in the sweep table.
+    # The grid is the newest sweep's protocol at the chosen rate (else the newest cell's protocol); the sweep's other
+    # cells are reported only in the sweep table, and cells of any other protocol only in the closing table.
     sweep = [r for r in records if r.get("kind") == "lr_sweep"]
     chosen = sweep[-1]["chosen"] if sweep else None
-    grid = [r for r in records if r.get("kind") == "cell" and (chosen is None or r["protocol"]["learning_rate"] == chosen)]
+    all_cells = [r for r in records if r.get("kind") == "cell"]
+    if sweep:
+        grid_protocol = {**sweep[-1]["protocol"], "learning_rate": chosen}
+    else:
+        grid_protocol = all_cells[-1]["protocol"] if all_cells else None
+    grid = [r for r in all_cells if r["protocol"] == grid_protocol]
+    swept = [r for r in all_cells if sweep and {**r["protocol"], "learning_rate": chosen} == grid_protocol]
+    other = [r for r in all_cells if r not in grid and r not in swept]
     cells = _cells(grid)
     alphas = sorted({alpha for _, alpha in cells})
     lines = [f"# Paper protocol: results ({len(grid)} cells from `{Path(results).name}`)", ""]
@@ -68,8 +76,8 @@ def _write_report(results: Path, out_dir: Path) -> Path:
     if sweep:
         lines += ["## Learning-rate sweep (FedAvg, final global accuracy)", "", "| lr | global acc |", "|---|---|"]
         for rate in sweep[-1]["rates"]:
-            match = [r for r in records if r.get("kind") == "cell" and r["method"] == "fedavg"
-                     and r["protocol"]["learning_rate"] == rate and float(r["alpha"]) == sweep[-1]["alpha"]]
+            match = [r for r in swept + grid if r["method"] == "fedavg" and r["protocol"]["learning_rate"] == rate
+                     and float(r["alpha"]) == sweep[-1]["alpha"] and r["seed"] == sweep[-1]["seed"]]
             lines.append(f"| {rate:g} | {_mean_std(_final(match, 'global_accuracy'))} |")
         lines += ["", f"Chosen: {chosen:g}", ""]
 
@@ -110,6 +118,15 @@ def _write_report(results: Path, out_dir: Path) -> Path:
                   if any(v is not None for v in lows) else "-")
         lines.append(f"| {method} | {a:g} | {np.mean(conv):.1f} | {_mean_std(_final(recs, 'local_accuracy_mean'))} | "
                      f"{spread} | {share} |")
+    if other:
+        lines += ["", "## Cells of other protocols (final round)", "",
+                  "| method | α | seed | protocol differences | global acc | local acc mean |", "|---|---|---|---|---|---|"]
+        for rec in other:
+            diff = ", ".join(f"{k}={v}" for k, v in rec["protocol"].items() if grid_protocol and grid_protocol.get(k) != v)
+            final = rec["rounds"][-1]
+            lines.append(f"| {rec['method']} | {rec['alpha']:g} | {rec['seed']} | {diff or '-'} | "
+                         f"{100 * final.get('global_accuracy', float('nan')):.1f} | "
+                         f"{100 * final.get('local_accuracy_mean', float('nan')):.1f} |")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _plots(cells, alphas, out_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Optional, TypeVar, Union
 
@@ -12,6 +13,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.corpora import LABEL_COLUMN, TEXT_COLUMN
+
+#: How many tokenized evaluation splits a task keeps (a federation's global test split and one per client).
+_TOKENIZED_CACHE_SIZE = 256
 
 
 class Task(abc.ABC):
@@ -59,6 +63,7 @@ class Task(abc.ABC):
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self._tokenizer = tokenizer
         self._collator: Optional[Callable] = None
+        self._tokenized: OrderedDict[str, Dataset] = OrderedDict()
         self.text_column = text_column
         self.label_column = label_column
         self.label_names = list(label_names) if label_names is not None else None
@@ -80,6 +85,7 @@ class Task(abc.ABC):
     @tokenizer.setter
     def tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
+        self._tokenized.clear()
         self._collator = None
 
     @property
@@ -91,6 +97,19 @@ class Task(abc.ABC):
     def tokenize(self, dataset: Dataset) -> Dataset:
         """Training features of the raw `dataset`: the columns [`data_collator`] batches and the model's forward takes
         (`input_ids`, `attention_mask`, `labels`, ...); the raw columns are removed."""
+
+    def tokenized(self, dataset: Dataset) -> Dataset:
+        """[`tokenize`], memoized by the dataset's fingerprint: a federation scores the same test splits every round,
+        and `datasets.map` costs more than a forward pass on splits this small."""
+        key = getattr(dataset, "_fingerprint", None)
+        if key is None:
+            return self.tokenize(dataset)
+        if key not in self._tokenized:
+            self._tokenized[key] = self.tokenize(dataset)
+            while len(self._tokenized) > _TOKENIZED_CACHE_SIZE:
+                self._tokenized.popitem(last=False)
+        self._tokenized.move_to_end(key)
+        return self._tokenized[key]
 
     @property
     def data_collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:

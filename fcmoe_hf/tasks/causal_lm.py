@@ -139,4 +139,4 @@ class CausalLMTask(Task):
         return get_data_collator(self.tokenizer)
 
     def evaluate(self, model: torch.nn.Module, dataset: Dataset, batch_size: int = 16) -> dict[str, float]:
-        return causal_lm_loss(model, self.tokenize(dataset), self.data_collator, batch_size=batch_size)
+        return causal_lm_loss(model, self.tokenized(dataset), self.data_collator, batch_size=batch_size)

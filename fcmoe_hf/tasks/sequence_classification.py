@@ -132,5 +132,5 @@ class SequenceClassificationTask(Task):
 
     def evaluate(self, model: torch.nn.Module, dataset: Dataset, batch_size: int = 16) -> dict[str, float]:
         num_classes = self.num_classes(dataset)
-        predictions, references = predict_classes(model, self.tokenize(dataset), self.data_collator, batch_size)
+        predictions, references = predict_classes(model, self.tokenized(dataset), self.data_collator, batch_size)
         return compute_classification_metrics(predictions, references, num_classes)
