@@ -151,7 +151,7 @@ def test_all_ablations_off_is_fedavg_bit_for_bit(dtype):
     theta = {f"{group}.moe_lora_A": torch.randn(4, 3, 8), f"{group}.moe_lora_B": torch.randn(4, 6, 3), f"{group}.moe_lora_router": torch.randn(4, 8)}
     updates = [
         ClientUpdate(
-            f"c{i}", 7 + 3 * i, {k: torch.randn_like(v).to(dtype) for k, v in theta.items()}, activation_counts={group: torch.rand(4)}
+            f"c{i}", 7 + 3 * i, {k: torch.randn_like(v).to(dtype) for k, v in theta.items()}, activation_counts={group: torch.randint(0, 9, (4,)).float()}
         )
         for i in range(5)
     ]
@@ -231,7 +231,7 @@ def test_fcmoe_config_validation_and_hf_argument_parser():
 def test_registry():
     assert available_aggregators() == sorted(
         ["fcmoe", "fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "ties", "fedmoe", "pfl_moe",
-         "fedalign_moe"]
+         "fedalign_moe", "fedmedian", "fedtrimmedavg"]
     )
     for name in available_aggregators():
         aggregator = build_aggregator(name)

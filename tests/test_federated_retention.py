@@ -72,7 +72,7 @@ def test_server_and_client_coefficients_agree_on_random_round():
     keys = [f"{group}.moe_lora_A", f"{group}.moe_lora_B"]
     theta = {keys[0]: torch.randn(4, 2, 6), keys[1]: torch.randn(4, 5, 2), f"{group}.moe_lora_router": torch.randn(4, 6)}
     updates = [
-        ClientUpdate(f"c{i}", 5 + i, {k: torch.randn_like(v) for k, v in theta.items()}, activation_counts={group: torch.rand(4) * 10})
+        ClientUpdate(f"c{i}", 5 + i, {k: torch.randn_like(v) for k, v in theta.items()}, activation_counts={group: torch.randint(0, 10, (4,)).float()})
         for i in range(4)
     ]
     result = build_aggregator("fcmoe").aggregate(theta, updates)

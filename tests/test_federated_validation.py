@@ -30,7 +30,7 @@ def make_round(k=3, seed=0):
             f"ok{i}",
             10 + i,
             {key: torch.randn(v.shape, generator=gen) for key, v in theta.items()},
-            activation_counts={GROUP: torch.tensor([1.0 + i, 2.0, 0.5])},
+            activation_counts={GROUP: torch.tensor([1.0 + i, 2.0, 1.0])},
             mean_gate={GROUP: torch.tensor([0.5, 0.3, 0.2])},
         )
         for i in range(k)
@@ -148,9 +148,10 @@ def test_validate_update_reasons_and_duplicates():
         assert reason is not None and expected in reason, (bad.client_id, reason)
     # Metadata-only checks do not read values.
     assert check_update_structure(bad_updates(valid[0])[0][0], theta) is None
+    # Without a transport binding ids to senders, every claim of a duplicated id is rejected (first come is no proof).
     kept, rejected = validate_updates([valid[0], valid[0], valid[1]], theta)
-    assert [u.client_id for u in kept] == ["ok0", "ok1"]
-    assert rejected[0].reason == "duplicate client_id in this round"
+    assert [u.client_id for u in kept] == ["ok1"]
+    assert [r.reason for r in rejected] == ["client_id 'ok0' is claimed by 2 updates in this round; all claims rejected"] * 2
     assert check_update_structure(corrupt(valid[0], "m", deltas={}), theta) == f"missing keys ['{A}', '{B}', '{ROUTER}']"
     unknown = corrupt(valid[0], "u", activation_counts={"model.layers.7.mlp.experts": torch.ones(3)})
     assert "unknown expert groups" in check_update_structure(unknown, theta)

@@ -3,7 +3,7 @@
 ```python
 from fcmoe_hf.federated import ClientUpdate, build_aggregator
 
-aggregator = build_aggregator("fcmoe")          # or "fedavg", "fedprox", "fedadam", "ties", "fedmoe", ...
+aggregator = build_aggregator("fcmoe")          # or "fedavg", "fedprox", "fedadam", "ties", "fedmoe", "fedmedian", ...
 client_config = aggregator.configure_client(1)  # what the clients' local training needs this round
 result = aggregator.aggregate(global_state, [ClientUpdate.load(d) for d in update_dirs])
 ```
@@ -29,12 +29,16 @@ from .aggregators import (
     FedAvgConfig,
     FedAvgMAggregator,
     FedAvgMConfig,
+    FedMedianAggregator,
+    FedMedianConfig,
     FedMoEAggregator,
     FedMoEConfig,
     FedOptAggregator,
     FedOptConfig,
     FedProxAggregator,
     FedProxConfig,
+    FedTrimmedAvgAggregator,
+    FedTrimmedAvgConfig,
     FedYogiAggregator,
     FedYogiConfig,
     PFLMoEAggregator,
@@ -46,16 +50,18 @@ from .aggregators import (
     build_aggregator,
     register_aggregator,
 )
+from .bounds import ClientExpectation, UpdateBounds
 from .client_config import ClientConfig
 from .functional.retention import retained_start
 from .update import ClientUpdate
-from .validation import RejectedUpdate
+from .validation import RejectedUpdate, load_update
 
 __all__ = [
     "AggregationResult",
     "Aggregator",
     "AggregatorConfig",
     "ClientConfig",
+    "ClientExpectation",
     "ClientUpdate",
     "FCMoEAggregator",
     "FCMoEConfig",
@@ -69,12 +75,16 @@ __all__ = [
     "FedAvgConfig",
     "FedAvgMAggregator",
     "FedAvgMConfig",
+    "FedMedianAggregator",
+    "FedMedianConfig",
     "FedMoEAggregator",
     "FedMoEConfig",
     "FedOptAggregator",
     "FedOptConfig",
     "FedProxAggregator",
     "FedProxConfig",
+    "FedTrimmedAvgAggregator",
+    "FedTrimmedAvgConfig",
     "FedYogiAggregator",
     "FedYogiConfig",
     "PFLMoEAggregator",
@@ -82,9 +92,11 @@ __all__ = [
     "RejectedUpdate",
     "TiesAggregator",
     "TiesConfig",
+    "UpdateBounds",
     "aggregator_config_class",
     "available_aggregators",
     "build_aggregator",
+    "load_update",
     "register_aggregator",
     "retained_start",
 ]

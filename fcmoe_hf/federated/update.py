@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import save_file
 
+from .bounds import describe_value, parse_count
 from .functional.importance import expert_norms
 from .io.safetensors import LazySafetensors
 from .layout import group_keys
@@ -95,11 +96,9 @@ class ClientUpdate:
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError) as err:  # ValueError: bad JSON, or an integer beyond Python's digit limit
             raise ValueError(f"Cannot read client update metadata {meta_path}: {err}") from err
-        for name in ("client_id", "num_samples"):
-            if name not in meta:
-                raise ValueError(f"Client update metadata {meta_path} lacks the field {name!r}.")
+        meta = parse_update_metadata(meta, meta_path)
         tensors_path = os.path.join(directory, UPDATE_TENSORS_FILE)
         deltas = LazySafetensors(tensors_path)
         if not lazy:
@@ -109,16 +108,41 @@ class ClientUpdate:
         if os.path.exists(counts_path):
             for key, value in LazySafetensors(counts_path).items():
                 kind, _, group = key.partition("/")
+                if kind not in ("activation_counts", "mean_gate") or not group:
+                    raise ValueError(
+                        f"{counts_path}: unexpected tensor {key!r} (expected 'activation_counts/<group>' or 'mean_gate/<group>')."
+                    )
                 (counts if kind == "activation_counts" else gates)[group] = value
         return cls(
-            client_id=str(meta["client_id"]),
-            num_samples=int(meta["num_samples"]),
+            client_id=meta["client_id"],
+            num_samples=meta["num_samples"],
             deltas=deltas,
             activation_counts=counts,
             mean_gate=gates,
             round=meta.get("round"),
             metrics=meta.get("metrics", {}),
         )
+
+
+def parse_update_metadata(meta: Any, source: str) -> dict[str, Any]:
+    """Strictly checked update metadata (`update.json`): raises `ValueError` naming `source` and the field.
+
+    `client_id` a non-empty string; `num_samples` an exact integer in `[1, 2**53]` (`true`, `3.7`, `12.0`, `"12"` and
+    `10**400` are all refused); `round` an integer or null; `metrics` an object.
+    """
+    if not isinstance(meta, dict):
+        raise ValueError(f"{source}: the metadata must be a JSON object, got {type(meta).__name__}.")
+    for name in ("client_id", "num_samples"):
+        if name not in meta:
+            raise ValueError(f"Client update metadata {source} lacks the field {name!r}.")
+    if not isinstance(meta["client_id"], str) or not meta["client_id"]:
+        raise ValueError(f"{source}: field 'client_id' must be a non-empty string, got {describe_value(meta['client_id'])}.")
+    parse_count(meta["num_samples"], "num_samples", source, minimum=1)
+    if meta.get("round") is not None:
+        parse_count(meta["round"], "round", source)
+    if not isinstance(meta.get("metrics", {}), dict):
+        raise ValueError(f"{source}: field 'metrics' must be a JSON object, got {describe_value(meta['metrics'])}.")
+    return meta
 
 
 def _jsonable(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
+from .bounds import UpdateBounds, count_problem, counts_problem
 from .io.safetensors import describe_tensor
 from .layout import group_keys
 from .update import ClientUpdate
@@ -93,6 +95,12 @@ def _check_statistics(name: str, stats: Mapping[str, torch.Tensor], sizes: Mappi
             return f"{name}[{group!r}] has non-finite values"
         if bool((values < 0).any()):
             return f"{name}[{group!r}] has negative values"
+        if name == "activation_counts":
+            problem = counts_problem(f"{name}[{group!r}]", values)
+            if problem is not None:
+                return problem
+        elif bool((values > 1.0 + 1e-6).any()):
+            return f"{name}[{group!r}] has values above 1 (it holds mean router probabilities)"
     return None
 
 
@@ -104,9 +112,10 @@ def check_update_structure(
 ) -> Optional[str]:
     """Check an update's metadata against the global state; reads no tensor data.
 
-    Checks `num_samples` (a positive integer), the key set (missing and unexpected keys are both reported), every
+    Checks `client_id` (a non-empty string), `num_samples` (an exact integer in `[1, 2**53]`: not a `bool`, float or
+    string), the key set (missing and unexpected keys are both reported), every
     tensor's shape and floating dtype, and `activation_counts` / `mean_gate` (known groups, shape `(E,)`, finite,
-    non-negative).
+    non-negative; counts whole numbers within `2**53`, gates at most 1).
 
     Args:
         update ([`ClientUpdate`]): the update to check.
@@ -117,9 +126,11 @@ def check_update_structure(
     Returns:
         `Optional[str]`: `None` if the update is well formed, else the reason it is not.
     """
-    n = update.num_samples
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        return f"num_samples must be a positive integer, got {n!r}"
+    if not isinstance(update.client_id, str) or not update.client_id:
+        return f"client_id must be a non-empty string, got {update.client_id!r}"
+    problem = count_problem(update.num_samples, "num_samples", minimum=1)
+    if problem is not None:
+        return problem
     keys = set(update.deltas.keys())
     missing = [k for k in global_state.keys() if k not in keys]
     extra = [k for k in update.deltas.keys() if k not in global_state]
@@ -178,6 +189,26 @@ def check_update_norm(norm: float, max_update_norm: Optional[float]) -> Optional
         return f"update norm is not finite ({norm})"
     if max_update_norm is not None and norm > max_update_norm:
         return f"update norm {norm:.4g} exceeds max_update_norm {max_update_norm:.4g}"
+    return None
+
+
+def median_norm(values: Sequence[float]) -> float:
+    """The median of `values` (the mean of the two middle ones for an even count; non-finite values count as
+    infinite). With at least 3 clients one scaled update cannot move it beyond the honest norms; with 2 it can (the
+    mean of both), and a relative bound then guards nothing: no statistic tells one honest client of two apart."""
+    ordered = sorted(v if math.isfinite(v) else math.inf for v in values)
+    if not ordered:
+        return math.nan
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def relative_norm_problem(norm: float, reference: Optional[float], factor: Optional[float]) -> Optional[str]:
+    """`None` if `norm <= factor * reference` (or no relative bound is set, or the reference is 0), else the reason."""
+    if factor is None or reference is None or not math.isfinite(reference) or reference <= 0:
+        return None
+    if not math.isfinite(norm) or norm > factor * reference:
+        return f"update norm {norm:.4g} exceeds norm_bound_factor {factor:g} x the round's median update norm {reference:.4g}"
     return None
 
 
@@ -250,36 +281,83 @@ def reject(client_id: str, reason: str) -> RejectedUpdate:
     return RejectedUpdate(client_id=client_id, reason=reason)
 
 
+Received = Union[ClientUpdate, RejectedUpdate]
+
+
+def received_updates(updates: Union[Sequence[Received], Mapping[str, Received]]) -> list[tuple[Optional[str], Received]]:
+    """`[(sender, update)]`: the transport's sender id when `updates` is a `Mapping` (sender -> update), else `None`."""
+    if isinstance(updates, Mapping):
+        return [(str(sender), update) for sender, update in updates.items()]
+    if isinstance(updates, (str, bytes)) or not isinstance(updates, Sequence):
+        raise TypeError(f"updates must be a sequence of ClientUpdate or a mapping sender -> ClientUpdate, got {type(updates).__name__}.")
+    return [(None, update) for update in updates]
+
+
 def validate_updates(
-    updates: Sequence[ClientUpdate],
+    updates: Union[Sequence[Received], Mapping[str, Received]],
     global_state: Mapping[str, torch.Tensor],
     *,
     max_update_norm: Optional[float] = None,
     check_values: bool = True,
+    bounds: Optional[UpdateBounds] = None,
 ) -> tuple[list[ClientUpdate], list[RejectedUpdate]]:
     """Split `updates` into the valid ones and the rejected ones (each logged with its reason), order preserved.
 
-    A second update with the same `client_id` is rejected as a duplicate. See [`validate_update`] for the checks.
+    Ids: when `updates` is a mapping `{sender: update}` (the transport bound each update to the node it came from),
+    an update claiming another id than its sender's is rejected as spoofed, so a client cannot be impersonated. When
+    it is a plain sequence, the server cannot tell a real client from an impostor: *every* update claiming an id that
+    more than one update claims is rejected (keeping the first would let whoever is faster take the id). With
+    `bounds.clients`, an id not assigned to the round is rejected. [`RejectedUpdate`] items (rejected upstream, e.g.
+    an unreadable file) are passed through. See [`validate_update`] for the other checks, and
+    [`UpdateBounds.check`] for the bounds.
     """
     sizes = global_expert_sizes(global_state)
-    valid: list[ClientUpdate] = []
+    received = received_updates(updates)
     rejected: list[RejectedUpdate] = []
-    seen: set[str] = set()
-    for update in updates:
+    claims: dict[str, int] = {}
+    for sender, update in received:
+        if isinstance(update, RejectedUpdate):
+            continue
         if not isinstance(update, ClientUpdate):
             raise TypeError(f"Expected ClientUpdate objects, got {type(update).__name__}.")
-        if update.client_id in seen:
-            rejected.append(reject(update.client_id, "duplicate client_id in this round"))
+        if sender is None or update.client_id == sender:
+            claims[update.client_id] = claims.get(update.client_id, 0) + 1
+    valid: list[ClientUpdate] = []
+    for sender, update in received:
+        if isinstance(update, RejectedUpdate):
+            rejected.append(update)
             continue
-        seen.add(update.client_id)
+        cid = update.client_id
+        if sender is not None and cid != sender:
+            rejected.append(reject(sender, f"the update claims client_id {cid!r} but was received from {sender!r}"))
+            continue
+        if claims.get(cid, 0) > 1:
+            rejected.append(
+                reject(cid, f"client_id {cid!r} is claimed by {claims[cid]} updates in this round; all claims rejected")
+            )
+            continue
         reason = check_update_structure(update, global_state, expert_sizes=sizes)
+        if reason is None and bounds is not None:
+            reason = bounds.check(cid, update.num_samples, update.activation_counts)
         if reason is None and check_values:
             reason = _value_problem(update, max_update_norm)
         if reason is None:
             valid.append(update)
         else:
-            rejected.append(reject(update.client_id, reason))
+            rejected.append(reject(cid if isinstance(cid, str) else repr(cid), reason))
     return valid, rejected
+
+
+def load_update(directory, client_id: Optional[str] = None, lazy: bool = True) -> Received:
+    """[`ClientUpdate.load`], or a [`RejectedUpdate`] naming the file and field when the update cannot be read.
+
+    For a transport that hands unreadable updates to the aggregator as rejections (the round goes on) instead of
+    aborting the round. `client_id` is the id the transport assigned (used to name the rejection).
+    """
+    try:
+        return ClientUpdate.load(directory, lazy=lazy)
+    except (OSError, ValueError) as err:
+        return reject(client_id if client_id is not None else os.fspath(directory), str(err))
 
 
 def require_min_clients(num_valid: int, rejected: Sequence[RejectedUpdate], min_clients: int) -> None:

@@ -13,9 +13,11 @@ from .fedadam import FedAdamAggregator, FedAdamConfig
 from .fedalign_moe import FedAlignMoEAggregator, FedAlignMoEConfig
 from .fedavg import FedAvgAggregator, FedAvgConfig
 from .fedavgm import FedAvgMAggregator, FedAvgMConfig
+from .fedmedian import FedMedianAggregator, FedMedianConfig
 from .fedmoe import FedMoEAggregator, FedMoEConfig
 from .fedopt import FedOptAggregator, FedOptConfig
 from .fedprox import FedProxAggregator, FedProxConfig
+from .fedtrimmedavg import FedTrimmedAvgAggregator, FedTrimmedAvgConfig
 from .fedyogi import FedYogiAggregator, FedYogiConfig
 from .pfl_moe import PFLMoEAggregator, PFLMoEConfig
 from .registry import (
@@ -45,12 +47,16 @@ __all__ = [
     "FedAvgConfig",
     "FedAvgMAggregator",
     "FedAvgMConfig",
+    "FedMedianAggregator",
+    "FedMedianConfig",
     "FedMoEAggregator",
     "FedMoEConfig",
     "FedOptAggregator",
     "FedOptConfig",
     "FedProxAggregator",
     "FedProxConfig",
+    "FedTrimmedAvgAggregator",
+    "FedTrimmedAvgConfig",
     "FedYogiAggregator",
     "FedYogiConfig",
     "PFLMoEAggregator",

@@ -23,18 +23,22 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 
+from ..bounds import UpdateBounds
 from ..client_config import ClientConfig
 from ..io.safetensors import LazySafetensors
 from ..io.stream import UpdateStream
 from ..update import ClientUpdate
 from ..validation import (
     ContentRejected,
+    Received,
     RejectedUpdate,
     check_global_state,
     check_update_norm,
     clip_factor,
     measure_update,
+    median_norm,
     reject,
+    relative_norm_problem,
     require_min_clients,
     validate_updates,
 )
@@ -53,6 +57,19 @@ class AggregatorConfig:
         clip_update_norm (`float`, *optional*): scale an update with a larger L2 norm down to this norm before
             merging (`None`, the default, does not clip). Clipping needs every update's norm before the merge starts:
             it costs one extra read of every update.
+        norm_bound_factor (`float`, *optional*): the default defence against scaled updates: an update whose L2 norm
+            exceeds `norm_bound_factor` times the round's median update norm is rejected (or clipped, see
+            `norm_bound_action`); it binds against one client from 3 clients on. 10 by default: honest clients
+            of one round train the same number of local steps at the same learning rate and differ by a few times at
+            most, while a scaled (e.g. sign-flipped x100) update stands out. FC-MoE also caps the norm in its
+            importance `f * ||Delta||` at this factor times the expert's median, so weight cannot be bought by
+            scaling. `None` turns both off.
+        norm_bound_action (`str`): `"reject"` (default: the update is left out, and the merge equals the merge
+            without it; norms are tracked during the merge, so an honest round costs no extra read) or `"clip"` (the
+            update is scaled down to the bound; costs one extra read of every update, like `clip_update_norm`).
+        enforce_bounds (`bool`): reject updates outside the [`~fcmoe_hf.federated.UpdateBounds`] the transport
+            passes to `aggregate` (unknown ids, `num_samples` above the assigned partition, impossible activation
+            counts). `False` ignores them (for comparisons with the defences off); the static checks stay on.
     """
 
     min_clients: int = field(
@@ -67,7 +84,23 @@ class AggregatorConfig:
         metadata={"help": "Scale client updates with a larger L2 norm down to this norm (default: no clipping; costs one extra read)."},
     )
 
+    norm_bound_factor: Optional[float] = field(
+        default=10.0,
+        metadata={"help": "Reject (or clip) client updates with an L2 norm above this factor times the round's median norm; None: off."},
+    )
+    norm_bound_action: str = field(
+        default="reject", metadata={"help": "What the relative norm bound does.", "choices": ["reject", "clip"]}
+    )
+    enforce_bounds: bool = field(
+        default=True, metadata={"help": "Reject updates outside the round's UpdateBounds (assigned ids, partition sizes, activation counts)."}
+    )
+
     def __post_init__(self):
+        if self.norm_bound_action not in ("reject", "clip"):
+            raise ValueError(f"norm_bound_action must be 'reject' or 'clip', got {self.norm_bound_action!r}.")
+        factor = self.norm_bound_factor
+        if factor is not None and not (isinstance(factor, (int, float)) and factor >= 1 and math.isfinite(factor)):
+            raise ValueError(f"norm_bound_factor must be a finite number >= 1 or None, got {factor!r}.")
         if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int) or self.min_clients < 1:
             raise ValueError(f"min_clients must be an integer >= 1, got {self.min_clients!r}.")
         for name in ("max_update_norm", "clip_update_norm"):
@@ -116,40 +149,54 @@ class Aggregator:
         """
         return ClientConfig()
 
-    def aggregate(self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> AggregationResult:
+    def aggregate(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        updates: Union[Sequence[Received], Mapping[str, Received]],
+        bounds: Optional[UpdateBounds] = None,
+    ) -> AggregationResult:
         """Merge `updates` into `global_state` and return the new state with personalization and diagnostics.
 
         Args:
             global_state (`Mapping[str, torch.Tensor]`): the previous global state (not modified; may be lazy).
-            updates (`Sequence[ClientUpdate]`): this round's client updates (not modified; deltas may be lazy).
+            updates (`Sequence[ClientUpdate]` or `Mapping[str, ClientUpdate]`): this round's client updates (not
+                modified; deltas may be lazy). A mapping binds each update to the sender the transport received it
+                from (`{sender_id: update}`): an update claiming another id is rejected as spoofed. Items may also
+                be [`RejectedUpdate`]s (rejected upstream, e.g. unreadable files); they are reported as rejected.
+            bounds ([`UpdateBounds`], *optional*): what the transport knows about the round (assigned ids,
+                partition sizes, activation bounds); updates outside it are rejected (`config.enforce_bounds`).
 
         Raises:
             `ValueError`: if fewer than `config.min_clients` valid updates remain (the message lists the rejections),
                 or if `global_state` itself is malformed.
         """
+        items = updates.values() if isinstance(updates, Mapping) else updates
         try:
-            return self._aggregate_validated(global_state, updates)
+            return self._aggregate_validated(global_state, updates, bounds)
         finally:
             # Lazily read files keep a descriptor while in use; a server must not hold K of them between rounds.
-            for source in [global_state, *(getattr(u, "deltas", None) for u in updates)]:
+            for source in [global_state, *(getattr(u, "deltas", None) for u in items)]:
                 if isinstance(source, LazySafetensors):
                     source.close()
 
     __call__ = aggregate
 
-    def _aggregate_validated(self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> AggregationResult:
+    def _aggregate_validated(self, global_state, updates, bounds) -> AggregationResult:
         cfg = self.config
+        relative = cfg.norm_bound_factor
         with torch.no_grad():
             check_global_state(global_state)
-            valid, rejected = validate_updates(updates, global_state, check_values=False)
+            valid, rejected = validate_updates(
+                updates, global_state, check_values=False, bounds=bounds if cfg.enforce_bounds else None
+            )
             require_min_clients(len(valid), rejected, cfg.min_clients)
             clip: Optional[list[float]] = None
-            if cfg.clip_update_norm is not None:
+            reference: Optional[float] = None  # the median norm the relative bound refers to, fixed once known
+            if cfg.clip_update_norm is not None or (relative is not None and cfg.norm_bound_action == "clip"):
                 valid, clip = self._clip_factors(valid, rejected)
+            track = clip is None and (cfg.max_update_norm is not None or relative is not None)
             while True:
-                stream = UpdateStream(
-                    valid, clip, track_norms=cfg.max_update_norm is not None and clip is None, cache_bytes=self._cache_bytes()
-                )
+                stream = UpdateStream(valid, clip, track_norms=track, cache_bytes=self._cache_bytes())
                 self._discard_pending()
                 problems: dict[int, str] = {}
                 try:
@@ -158,10 +205,15 @@ class Aggregator:
                     problems = err.problems
                 else:
                     if stream.track_norms:
-                        for i, norm in enumerate(stream.norms()):
-                            reason = check_update_norm(norm, cfg.max_update_norm)
+                        norms = stream.norms()
+                        if reference is None and relative is not None:
+                            reference = median_norm(norms)
+                        for i, norm in enumerate(norms):
+                            reason = check_update_norm(norm, cfg.max_update_norm) or relative_norm_problem(norm, reference, relative)
                             if reason is not None:
                                 problems[i] = reason
+                    if not problems:
+                        problems = self._overflow_problems(result, stream)
                 if not problems:
                     break
                 # A rejected update may already have been folded in: merge the remaining ones again from scratch.
@@ -176,18 +228,45 @@ class Aggregator:
         result.update_scales = {u.client_id: float(c) for u, c in zip(valid, scales, strict=True)}
         return result
 
+    def _overflow_problems(self, result: AggregationResult, stream: UpdateStream) -> dict[int, str]:
+        """`{}` if the merged state is finite; else the client with the largest (clipped) update norm, whose finite
+        but huge values overflowed the merge: it is rejected and the round goes on without it."""
+        bad = [key for key, t in result.global_state.items() if not bool(torch.isfinite(t).all())]
+        if not bad:
+            return {}
+        if stream.track_norms:
+            norms = stream.norms()
+        else:
+            norms = [measure_update(u)[0] * float(c) for u, c in zip(stream.updates, stream.clip.tolist())]
+        norms = [n if math.isfinite(n) else math.inf for n in norms]
+        worst = max(range(len(norms)), key=lambda i: norms[i])
+        return {worst: f"merging it overflows float32 in {bad[0]!r} (update norm {norms[worst]:.4g}, the round's largest)"}
+
     def _clip_factors(self, valid: list[ClientUpdate], rejected: list[RejectedUpdate]) -> tuple[list[ClientUpdate], list[float]]:
-        kept, factors = [], []
+        cfg = self.config
+        kept, norms = [], []
         for update in valid:
             norm, reason = measure_update(update)
-            reason = reason or check_update_norm(norm, self.config.max_update_norm)
+            reason = reason or check_update_norm(norm, cfg.max_update_norm)
             if reason is not None:
                 rejected.append(reject(update.client_id, reason))
                 continue
             kept.append(update)
-            factors.append(clip_factor(norm, self.config.clip_update_norm))
-        require_min_clients(len(kept), rejected, self.config.min_clients)
-        return kept, factors
+            norms.append(norm)
+        require_min_clients(len(kept), rejected, cfg.min_clients)
+        bound = cfg.clip_update_norm
+        if cfg.norm_bound_factor is not None and norms:
+            reference = median_norm(norms)
+            if cfg.norm_bound_action == "reject":
+                keep = [relative_norm_problem(n, reference, cfg.norm_bound_factor) for n in norms]
+                rejected.extend(reject(u.client_id, r) for u, r in zip(kept, keep) if r is not None)
+                kept = [u for u, r in zip(kept, keep) if r is None]
+                norms = [n for n, r in zip(norms, keep) if r is None]
+                require_min_clients(len(kept), rejected, cfg.min_clients)
+            elif reference > 0:
+                relative_bound = cfg.norm_bound_factor * reference
+                bound = relative_bound if bound is None else min(bound, relative_bound)
+        return kept, [clip_factor(n, bound) for n in norms]
 
     def _aggregate(self, global_state: Mapping[str, torch.Tensor], stream: UpdateStream) -> AggregationResult:
         """Merge the (structurally valid) updates of `stream`. Raise [`ContentRejected`] for invalid values."""

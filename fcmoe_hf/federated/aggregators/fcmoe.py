@@ -5,19 +5,35 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from ..client_config import ClientConfig
-from ..functional.consensus import consensus_statistics, pairwise_statistics, row_dots, stacked_consensus
-from ..functional.importance import normalize_scores, stack_statistics
+from ..functional.consensus import (
+    conflict_coefficients,
+    consensus_statistics,
+    pairwise_statistics,
+    row_dots,
+    stacked_consensus,
+)
+from ..functional.importance import capped_norms, normalize_scores, stack_statistics
 from ..functional.retention import RETENTION_MODES
+from ..functional.robust import ROBUST_BYTES_PER_ELEMENT, weighted_median, weighted_trimmed_mean
 from ..io.stream import ACCUMULATE_DTYPE, ChunkArena, experts_per_chunk, read_stacked_rows, rows_shape
 from ..layout import group_keys
 from ..validation import ContentRejected, non_finite_reason
 from .base import Aggregator, AggregatorConfig
-from .kernels import apply_step, data_size_scores, dot_pass, fedavg_shared, owns_tensors, sample_sizes, weighted_group
+from .kernels import (
+    apply_step,
+    data_size_scores,
+    dot_pass,
+    fedavg_shared,
+    owns_tensors,
+    read_checked_chunk,
+    sample_sizes,
+    weighted_group,
+)
 from .registry import register_aggregator
 from .result import AggregationResult, ResidualCoefficients
 
@@ -41,6 +57,14 @@ class FCMoEConfig(AggregatorConfig):
             or `"filtered"` (`Delta - Delta'`, the part the projection removed; needs `use_projection=True` and
             `projection_mode="consensus"`).
         retention_lambda (`float`): `lambda`, the weight of the residual in a client's start point (0.5).
+        robust (`str`, *optional*): `"median"` or `"trimmed_mean"`: the consensus and the merge of every expert are
+            the coordinate-wise importance-*weighted* median / trimmed mean of the clients' updates
+            ([`~fcmoe_hf.federated.functional.robust`]) instead of the weighted mean, so a minority of clients cannot
+            drag a coordinate outside the honest range whatever their weight. With projection, conflicting updates
+            are projected against the robust consensus (Eq. 4) and the merge is the robust statistic of the projected
+            updates. `None` (default): the paper's weighted mean. Needs `projection_mode="consensus"` and
+            `retention_mode="projection"`.
+        trim_beta (`float`): with `robust="trimmed_mean"`, the weight fraction cut at each end of every coordinate.
         merge_buffer_mb (`float`): working memory of the consensus merge (64 MiB), a fixed budget whatever the number
             of clients. The merge reads a chunk of experts of every client into it at once (as float32) and computes
             the consensus, the dot products and the merged experts from there, so each update is read from disk
@@ -58,6 +82,11 @@ class FCMoEConfig(AggregatorConfig):
         default="projection", metadata={"help": "Residual: Eq. 5 projection or Delta - Delta'.", "choices": list(RETENTION_MODES)}
     )
     retention_lambda: float = field(default=0.5, metadata={"help": "Retention strength lambda."})
+    robust: Optional[str] = field(
+        default=None,
+        metadata={"help": "Robust consensus and merge per expert (importance-weighted).", "choices": [None, "median", "trimmed_mean"]},
+    )
+    trim_beta: float = field(default=0.2, metadata={"help": "Weight fraction cut at each end with robust='trimmed_mean'."})
     merge_buffer_mb: float = field(
         default=64.0,
         metadata={
@@ -87,6 +116,14 @@ class FCMoEConfig(AggregatorConfig):
             )
         if self.retention_lambda < 0:
             raise ValueError(f"retention_lambda must be >= 0, got {self.retention_lambda}.")
+        if self.robust not in (None, "median", "trimmed_mean"):
+            raise ValueError(f"robust must be None, 'median' or 'trimmed_mean', got {self.robust!r}.")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ValueError(f"trim_beta must be in [0, 0.5), got {self.trim_beta}.")
+        if self.robust is not None and self.projection_mode == "pairwise" and self.use_projection:
+            raise ValueError("robust needs projection_mode='consensus' (the pairwise rule has no single consensus).")
+        if self.robust is not None and self.retention_mode == "filtered" and self.use_retention:
+            raise ValueError("robust needs retention_mode='projection': the filtered residual assumes the mean rule.")
 
 
 
@@ -179,6 +216,8 @@ class FCMoEAggregator(Aggregator):
         cfg = self.config
         device = theta[0].device
         filtered = cfg.use_retention and cfg.retention_mode == "filtered"
+        if cfg.robust is not None:
+            return self._robust_group(stream, keys, theta, counts, sizes, owned, buffers)
         if cfg.use_projection:
             expert_numel = sum(rows_shape(t.shape, True)[1] for t in theta)
             chunk = experts_per_chunk(len(stream), expert_numel, self._cache_bytes())
@@ -187,14 +226,18 @@ class FCMoEAggregator(Aggregator):
                     stream, keys, theta, counts, sizes, chunk, owned, buffers
                 )
                 return merged, weights, diag, (a / scale.unsqueeze(0) if filtered else None)
-        result = weighted_group(
-            stream,
-            keys,
-            theta,
-            self._scores(counts, sizes),
-            need_norms=cfg.use_importance or cfg.use_projection,
-            keep=cfg.use_projection,
-        )
+        need_norms = cfg.use_importance or cfg.use_projection
+        tracked = stream.squared_norms.clone()
+        result = weighted_group(stream, keys, theta, self._scores(counts, sizes), need_norms=need_norms, keep=cfg.use_projection)
+        if cfg.use_importance and cfg.norm_bound_factor is not None:
+            # The importance norms are capped relative to the median, known only once every client was read: a
+            # round where the cap binds is merged again with the capped norms (an honest round is not).
+            capped = capped_norms(result.norms, counts, cfg.norm_bound_factor)
+            if not torch.equal(capped, result.norms):
+                stream.squared_norms.copy_(tracked)
+                result = weighted_group(
+                    stream, keys, theta, lambda i, norms: counts[i] * capped[i], need_norms=need_norms, keep=cfg.use_projection
+                )
         weights = normalize_scores(result.scores)
         # The consensus g[k] = sum_i w[i,k] Delta[i,k] is sums * inverse: kept unnormalised, scaled in the statistics.
         inverse = result.inverse_total()
@@ -238,7 +281,11 @@ class FCMoEAggregator(Aggregator):
             if stream.track_norms:
                 stream.squared_norms += sq.sum(dim=1) * stream.clip.square()
             norms[:, part] = sq.sqrt() * clip
-            scores = counts[:, part] * norms[:, part] if cfg.use_importance else sizes.unsqueeze(1).expand(k, stop - start)
+            scores = (
+                counts[:, part] * capped_norms(norms[:, part], counts[:, part], cfg.norm_bound_factor)
+                if cfg.use_importance
+                else sizes.unsqueeze(1).expand(k, stop - start)
+            )
             weights[:, part] = normalize_scores(scores)
             # Clipping scales client i's update: fold it into the weights and the dot products, not into the data.
             _, chunk_dots, g_sq[part] = stacked_consensus(stacked, weights[:, part] * clip, out=[g[part] for g in consensus])
@@ -261,9 +308,55 @@ class FCMoEAggregator(Aggregator):
         # (E, K, K) Gram matrices of the expert vectors, summed over the group's tensors.
         gram = sum(torch.bmm(x.transpose(0, 1), x.permute(1, 2, 0)).double() for x in stacked)
         norms = torch.diagonal(gram, dim1=1, dim2=2).T.clamp_min(0).sqrt()
-        scores = counts * norms if cfg.use_importance else sizes.unsqueeze(1).expand_as(norms)
+        scores = counts * capped_norms(norms, counts, cfg.norm_bound_factor) if cfg.use_importance else sizes.unsqueeze(1).expand_as(norms)
         weights = normalize_scores(scores)
         _, combination, diag = pairwise_statistics(weights, gram)
         steps = [torch.einsum("ke,ked->ed", combination.to(ACCUMULATE_DTYPE), x) for x in stacked]
         merged = [apply_step(t, s, True) for t, s in zip(theta, steps)]
         return merged, weights, diag, None
+
+    def _robust_group(self, stream, keys, theta, counts, sizes, owned, buffers):
+        """`config.robust`: the importance-weighted robust consensus `g`, Eq. 4 against it, then the weighted robust
+        statistic of the projected updates, chunk of experts by chunk (one read of each update). Diagnostics are
+        computed as for the mean rule (`removed_norm` is the mean rule's estimate)."""
+        cfg = self.config
+        device = theta[0].device
+        k, num_experts = len(stream), theta[0].shape[0]
+        dims = [rows_shape(t.shape, True)[1] for t in theta]
+        if cfg.robust == "median":
+            statistic = weighted_median
+        else:
+            def statistic(values, weights):
+                return weighted_trimmed_mean(values, weights, cfg.trim_beta)
+        norms = torch.zeros(k, num_experts, dtype=torch.float64)
+        weights = torch.zeros(k, num_experts, dtype=torch.float64)
+        dots = torch.zeros(k, num_experts, dtype=torch.float64)
+        g_sq = torch.zeros(num_experts, dtype=torch.float64)
+        steps = [torch.zeros(num_experts, d, dtype=ACCUMULATE_DTYPE, device=device) for d in dims]
+        arena = buffers.setdefault(("robust", device), ChunkArena(device))
+        per_expert = k * sum(dims) * ROBUST_BYTES_PER_ELEMENT
+        chunk = max(1, self._cache_bytes() // per_expert) if per_expert else num_experts
+        for start in range(0, num_experts, chunk):
+            stop = min(start + chunk, num_experts)
+            part = slice(start, stop)
+            stacked = arena.views([(k, stop - start, d) for d in dims])
+            norms[:, part] = read_checked_chunk(stream, keys, start, stop, stacked).sqrt()  # clip applied to the data
+            scores = (
+                counts[:, part] * capped_norms(norms[:, part], counts[:, part], cfg.norm_bound_factor)
+                if cfg.use_importance
+                else sizes.unsqueeze(1).expand(k, stop - start)
+            )
+            w = weights[:, part] = normalize_scores(scores)
+            consensus = [statistic(x, w) for x in stacked]
+            if cfg.use_projection:
+                chunk_dots = sum(torch.einsum("ked,ed->ke", x, g).double() for x, g in zip(stacked, consensus))
+                g_sq[part] = sum(g.double().square().sum(dim=1) for g in consensus)
+                dots[:, part] = chunk_dots
+                a = conflict_coefficients(chunk_dots, g_sq[part]).to(ACCUMULATE_DTYPE)
+                for x, g in zip(stacked, consensus):  # Delta' = Delta - a g, in the chunk buffer
+                    x.sub_(a.unsqueeze(-1) * g.unsqueeze(0))
+                consensus = [statistic(x, w) for x in stacked]
+            for step, merged in zip(steps, consensus):
+                step[part] = merged
+        diag = consensus_statistics(weights, norms, dots, g_sq)[2] if cfg.use_projection else None
+        return [apply_step(t, s, True, owned=owned) for t, s in zip(theta, steps)], weights, diag, None

@@ -17,10 +17,11 @@ import torch
 
 from ..functional.consensus import row_dot
 from ..functional.importance import normalize_scores
+from ..functional.robust import ROBUST_BYTES_PER_ELEMENT
 from ..io.safetensors import LazySafetensors
-from ..io.stream import _CPU, ACCUMULATE_DTYPE, UpdateStream, as_rows, rows_shape
+from ..io.stream import _CPU, ACCUMULATE_DTYPE, ChunkArena, UpdateStream, as_rows, read_stacked_rows, rows_shape
 from ..layout import group_keys
-from ..validation import ContentRejected
+from ..validation import ContentRejected, non_finite_reason
 from .result import AggregationResult
 
 
@@ -122,9 +123,20 @@ def weighted_pass(
         problems.update(stream.find_problems(keys, [i for i in unchecked if i not in problems]))
         if problems:
             raise ContentRejected(problems)
-        if bad:
-            raise ValueError(f"The weighted sum of {[keys[j] for j in bad]} overflowed float32 with finite inputs.")
+        if bad:  # finite values whose weighted sum overflows: reject the largest contribution, not the round
+            raise ContentRejected(_largest_contribution(stream, [keys[j] for j in bad], scores))
     return WeightedSum(sums=out, scores=scores, norms=norms)
+
+
+def _largest_contribution(stream: UpdateStream, keys: Sequence[str], scores: torch.Tensor) -> dict[int, str]:
+    """`{i: reason}` for the client whose weighted values in `keys` are the largest (the one that overflowed a sum)."""
+    sizes = []
+    for i, update in enumerate(stream.updates):
+        weight = float(scores[i].abs().max()) * float(stream.clip[i])
+        peak = max(float(update.deltas[key].abs().max()) if update.deltas[key].numel() else 0.0 for key in keys)
+        sizes.append(weight * peak)
+    worst = max(range(len(sizes)), key=lambda i: sizes[i])
+    return {worst: f"its weighted values in {keys[0]!r} overflow the float32 sum of the merge (largest |value| x weight {sizes[worst]:.4g})"}
 
 
 def dot_pass(
@@ -239,3 +251,56 @@ def expert_weighted_mean(stream: UpdateStream, global_state: Mapping[str, torch.
         client_ids=[u.client_id for u in stream.updates],
         expert_weights=weights,
     )
+
+
+def read_checked_chunk(stream: UpdateStream, keys: Sequence[str], start: int, stop: int, out: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[`read_stacked_rows`] with the first-read bookkeeping: values checked (NaN/Inf -> [`ContentRejected`]), norms
+    tracked, and the clients' clip factors applied to the data (for statistics that cannot fold them into weights).
+
+    Returns:
+        `torch.Tensor` of shape `(K, stop - start)`: float64 squared norms of the clipped rows.
+    """
+    sq = read_stacked_rows(stream, keys, start, stop, out)
+    bad = [i for i, total in enumerate(sq.sum(dim=1).tolist()) if not math.isfinite(total)]
+    if bad:  # NaN/Inf propagate into the norms: name the tensor
+        group = keys[0].rsplit(".", 1)[0]
+        raise ContentRejected({i: non_finite_reason(keys, [x[i] for x in out], group) for i in bad})
+    clip = stream.clip
+    if bool((clip != 1).any()):
+        for x in out:
+            x.mul_(clip.to(device=x.device, dtype=x.dtype).view(-1, 1, 1))
+    sq = sq * clip.square().unsqueeze(1)
+    if stream.track_norms:
+        stream.squared_norms += sq.sum(dim=1)
+    return sq
+
+
+def robust_rows(
+    stream: UpdateStream,
+    keys: Sequence[str],
+    theta: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    statistic: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    budget_bytes: int,
+    arena: ChunkArena,
+) -> list[torch.Tensor]:
+    """A coordinate-wise `statistic` (e.g. [`~fcmoe_hf.federated.functional.robust.weighted_median`]) of every
+    client's update of `keys`, row (expert) chunk by chunk: `(R, D_j)` float32 steps paired with `keys`.
+
+    Args:
+        weights (`torch.Tensor` of shape `(K, R)`): per client and row, the weight `statistic` gets (0: left out).
+        budget_bytes (`int`): working memory; chunks hold at least one row of every client whatever the budget
+            (`K x row x ROBUST_BYTES_PER_ELEMENT` bytes).
+    """
+    shapes = [rows_shape(t.shape, True) for t in theta]
+    num_rows, k = shapes[0][0], len(stream)
+    per_row = k * sum(d for _, d in shapes) * ROBUST_BYTES_PER_ELEMENT
+    chunk = max(1, budget_bytes // per_row) if per_row else num_rows
+    steps = [torch.zeros(shape, dtype=ACCUMULATE_DTYPE, device=theta[0].device) for shape in shapes]
+    for start in range(0, num_rows, chunk):
+        stop = min(start + chunk, num_rows)
+        stacked = arena.views([(k, stop - start, d) for _, d in shapes])
+        read_checked_chunk(stream, keys, start, stop, stacked)
+        for x, step in zip(stacked, steps):
+            step[start:stop] = statistic(x, weights[:, start:stop])
+    return steps

@@ -10,8 +10,9 @@ Every function works on `(K, E)` matrices (clients x experts of one expert group
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
@@ -55,6 +56,32 @@ def importance_scores(activation_counts: torch.Tensor, norms: torch.Tensor) -> t
     if activation_counts.shape != norms.shape:
         raise ValueError(f"activation_counts {tuple(activation_counts.shape)} and norms {tuple(norms.shape)} differ in shape.")
     return activation_counts.double() * norms.double()
+
+
+def capped_norms(norms: torch.Tensor, activation_counts: torch.Tensor, factor: Optional[float]) -> torch.Tensor:
+    """Norms for the importance, capped per expert: `min(||Delta[i,k]||, factor * m[k])`.
+
+    `m[k]` is the median of the norms of the clients that activated expert `k` (`f[i,k] > 0`). Without the cap a
+    client buys weight by scaling its update (`c = f * ||Delta||` grows with the scale); with it, at most `factor`
+    times a typical client's. Experts nobody activated, or whose median is 0, are not capped; `factor=None` returns
+    `norms` unchanged. Honest norms within the factor are returned bit for bit.
+
+    Args:
+        norms (`torch.Tensor` of shape `(K, E)`): `||Delta[i,k]||`.
+        activation_counts (`torch.Tensor` of shape `(K, E)`): `f[i,k]`.
+        factor (`float`, *optional*): the cap relative to the median.
+    """
+    if factor is None:
+        return norms
+    norms = norms.double()
+    active = activation_counts > 0
+    n = active.sum(dim=0)
+    ordered = torch.where(active, norms, math.inf).sort(dim=0).values
+    lower = ordered.gather(0, ((n - 1).clamp_min(0) // 2).unsqueeze(0)).squeeze(0)
+    upper = ordered.gather(0, (n // 2).clamp_max(norms.shape[0] - 1).unsqueeze(0)).squeeze(0)
+    median = (lower + upper) / 2
+    cap = torch.where((n > 0) & (median > 0) & torch.isfinite(median), factor * median, math.inf)
+    return torch.minimum(norms, cap.unsqueeze(0))
 
 
 def normalize_scores(scores: torch.Tensor) -> torch.Tensor:
