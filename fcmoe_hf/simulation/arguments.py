@@ -49,6 +49,14 @@ class FederationArguments:
         default=None, metadata={"help": "Evaluate each personalized adapter on at most this many local test examples."}
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the last complete round in run_dir."})
+    resume_allow_config_change: bool = field(
+        default=False,
+        metadata={
+            "help": "On --resume, continue although the run's configuration (aggregator config, partition, client "
+            "data, sampling, task, model, seed, local training hyperparameters) differs from the checkpoint's; by "
+            "default a difference is refused, naming the fields. num_rounds, evaluation and logging may always change."
+        },
+    )
     save_client_adapters: bool = field(default=True, metadata={"help": "Save every client's personalized adapter."})
     base_model_id: Optional[str] = field(
         default=None, metadata={"help": "Base model id written into adapter configs and model cards."}

@@ -1,17 +1,30 @@
-"""Atomic per-round checkpoints of a federation, and resuming from them. Nothing is pickled.
+"""Atomic, checksummed per-round checkpoints of a federation, and resuming from them. Nothing is pickled.
 
 A checkpoint directory `checkpoints/round_NNNN/` holds the global state and the aggregator's state (safetensors), the
 run's bookkeeping (`state.json`), the RNG states (`rng_state.json` for Python's and NumPy's generators,
 `rng_state.safetensors` for torch's) and any small extra files the caller adds (the federation adds the adapter's
 `adapter_config.json` and its model cards' fields, so a killed run's latest round can be published:
-[`~fcmoe_hf.simulation.export.export_checkpoint`]). `latest_checkpoint` names the last complete one: it is replaced atomically after
-the directory is written, so a run killed at any point resumes from a complete round. Its content is validated (a
-`round_NNNN` name inside the run's `checkpoints/`) before anything is read.
+[`~fcmoe_hf.simulation.export.export_checkpoint`]).
+
+Integrity:
+
+- `state.json` is written last and records the SHA-256 of every other file of the checkpoint (`files`) and of its own
+  content (`state_sha256`); every file is fsynced before the commit.
+- `latest_checkpoint` names the last complete checkpoint: it is replaced atomically after the directory is written,
+  so a run killed at any point resumes from a complete round. Its content is validated (a `round_NNNN` name of a
+  directory inside the run's `checkpoints/`, no link) before anything is read.
+- The previous complete checkpoint is kept (`keep=2`). On [`CheckpointStore.load`] a checkpoint whose files are
+  missing, truncated, altered (checksum), unreadable or hold non-finite values fails its check; the previous one is
+  then used, with a warning naming the files and what is wrong with them, and a [`CheckpointError`] naming every
+  file is raised when no checkpoint passes.
+- Only JSON and safetensors are read; any other file in a checkpoint directory (a planted `rng_state.pt`) is ignored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -22,15 +35,45 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest_checkpoint"
 CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "state.json"
+GLOBAL_STATE_FILE = "global_state.safetensors"
+AGGREGATOR_STATE_FILE = "aggregator_state.safetensors"
+RNG_JSON_FILE = "rng_state.json"
+RNG_TENSORS_FILE = "rng_state.safetensors"
+#: The files every checkpoint has besides `state.json`.
+REQUIRED_FILES = (GLOBAL_STATE_FILE, AGGREGATOR_STATE_FILE, RNG_JSON_FILE, RNG_TENSORS_FILE)
+#: Version of the checkpoint layout written into `state.json` (`1`: no checksums; `2`: checksums).
+FORMAT_VERSION = 2
 _NAME = re.compile(r"^round_\d{4,}$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file(s) and what is wrong with them."""
 
 
 def checkpoint_name(round_index: int) -> str:
     return f"round_{round_index:04d}"
+
+
+def _round_of(name: str) -> int:
+    return int(name.removeprefix("round_"))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _state_digest(state: Mapping[str, Any]) -> str:
+    # The digest of state.json's content without its own digest field, over a canonical serialisation.
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())
 
 
 def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -53,16 +96,50 @@ def set_rng_state(plain: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
     torch.set_rng_state(tensors["torch"])
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def non_finite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of the floating-point tensors of `tensors` that hold a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 class CheckpointStore:
     """The checkpoints of one run directory.
 
     Args:
         run_dir (`Path`): the run directory.
+        keep (`int`, *optional*, defaults to 2): complete checkpoints kept: the newest and, with the default, the one
+            before it (used, with a warning, when the newest fails its check on resume).
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}.")
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / CHECKPOINTS_DIR
+        self.keep = keep
+        #: After [`load`]: the checkpoints that failed their check and were skipped, as `(directory, reason)`.
+        self.skipped: list[tuple[Path, str]] = []
+
+    # -- writing ----------------------------------------------------------------------------------------------------
 
     def save(
         self,
@@ -72,76 +149,212 @@ class CheckpointStore:
         state: Mapping[str, Any],
         files: Optional[Mapping[str, bytes]] = None,
     ) -> Path:
-        """Write round `round_index`'s checkpoint, then point `latest_checkpoint` at it atomically; keep the newest.
+        """Write round `round_index`'s checkpoint, then point `latest_checkpoint` at it atomically; prune old ones.
 
         Args:
             round_index (`int`): the round just completed.
             global_state (`Mapping[str, torch.Tensor]`): the global state after it.
             aggregator_state (`Mapping[str, torch.Tensor]`): the aggregator's state (server momentum, ...).
-            state (`Mapping[str, Any]`): the run's bookkeeping, JSON-ready (`round` is added).
+            state (`Mapping[str, Any]`): the run's bookkeeping, JSON-ready (`round`, `format`, `files` and
+                `state_sha256` are added).
             files (`Mapping[str, bytes]`, *optional*): extra files (plain names) written into the checkpoint directory
                 before it is committed.
         """
+        reserved = {STATE_FILE, *REQUIRED_FILES}
         for name in files or {}:
-            if Path(name).name != name or name in ("", ".", ".."):
-                raise ValueError(f"Extra checkpoint file {name!r} is not a plain file name.")
+            if Path(name).name != name or name in ("", ".", "..") or name in reserved:
+                raise ValueError(f"Extra checkpoint file {name!r} is not a plain file name of its own.")
         directory = self.root / checkpoint_name(round_index)
-        if directory.exists():
+        if directory.is_symlink():
+            directory.unlink()
+        elif directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in global_state.items()}, str(directory / "global_state.safetensors"))
-        save_file(dict(aggregator_state), str(directory / "aggregator_state.safetensors"))
         plain, tensors = rng_state()
-        save_file(tensors, str(directory / "rng_state.safetensors"))
-        (directory / "rng_state.json").write_text(json.dumps(plain))
-        with open(directory / "state.json", "w") as f:
-            json.dump({"round": round_index, **state}, f, indent=2, default=str)
+        digests: dict[str, str] = {}
+
+        def put(name: str, data: bytes) -> None:
+            _write_synced(directory / name, data)
+            digests[name] = sha256_bytes(data)
+
+        put(GLOBAL_STATE_FILE, _serialize({k: v.contiguous() for k, v in global_state.items()}))
+        put(AGGREGATOR_STATE_FILE, _serialize(dict(aggregator_state)))
+        put(RNG_TENSORS_FILE, _serialize(tensors))
+        put(RNG_JSON_FILE, json.dumps(plain).encode())
         for name, content in (files or {}).items():
-            (directory / name).write_bytes(content)
+            put(name, bytes(content))
+        record = json.loads(json.dumps({"round": round_index, **state, "format": FORMAT_VERSION, "files": digests}, default=str))
+        record["state_sha256"] = _state_digest(record)
+        _write_synced(directory / STATE_FILE, json.dumps(record, indent=2).encode())
+        _fsync_path(directory)
+        previous = self._latest_name()
         tmp = self.run_dir / f"{LATEST_FILE}.tmp"
-        tmp.write_text(directory.name)
+        _write_synced(tmp, directory.name.encode())
         os.replace(tmp, self.run_dir / LATEST_FILE)  # the commit point: a kill before it keeps the previous round
-        for old in self.root.glob("round_*"):
-            if old.name != directory.name:
-                shutil.rmtree(old, ignore_errors=True)
+        _fsync_path(self.run_dir)
+        self._prune(round_index, previous)
         return directory
+
+    def _prune(self, round_index: int, previous: Optional[str]) -> None:
+        # Kept: the new checkpoint and the `keep - 1` newest complete ones before it (the previous latest first).
+        # Gone: older ones, ones past the new round (an abandoned run's), and incomplete ones (no state.json).
+        older = sorted(
+            (p for p in self._round_dirs() if _round_of(p.name) < round_index and (p / STATE_FILE).is_file()),
+            key=lambda p: _round_of(p.name), reverse=True,
+        )
+        if previous is not None and any(p.name == previous for p in older):
+            older.sort(key=lambda p: p.name != previous)  # stable: the previous latest first, then newest first
+        keep = {checkpoint_name(round_index), *(p.name for p in older[: self.keep - 1])}
+        for old in self._round_dirs():
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _round_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return [p for p in self.root.iterdir() if _NAME.match(p.name) and p.is_dir() and not p.is_symlink()]
+
+    # -- finding ----------------------------------------------------------------------------------------------------
 
     def exists(self) -> bool:
         return (self.run_dir / LATEST_FILE).exists()
 
-    def latest(self) -> Optional[Path]:
-        """The directory `latest_checkpoint` names, validated, or `None` when the run has none."""
+    def _latest_name(self) -> Optional[str]:
         latest = self.run_dir / LATEST_FILE
         if not latest.exists():
             return None
         name = latest.read_text().strip()
         if not _NAME.match(name):
-            raise ValueError(f"{latest} names {name!r}, not a checkpoint of this run (expected round_NNNN).")
+            raise CheckpointError(f"{latest} names {name!r}, not a checkpoint of this run (expected round_NNNN).")
+        return name
+
+    def latest(self) -> Optional[Path]:
+        """The directory `latest_checkpoint` names, validated, or `None` when the run has none."""
+        name = self._latest_name()
+        if name is None:
+            return None
         directory = self.root / name
-        if not directory.is_dir():
-            raise ValueError(f"{latest} names {name!r}, but {directory} does not exist.")
+        if directory.is_symlink() or not directory.is_dir():
+            what = "is a link" if directory.is_symlink() else "does not exist"
+            raise CheckpointError(f"{self.run_dir / LATEST_FILE} names {name!r}, but {directory} {what}.")
         return directory
 
     def latest_round(self) -> Optional[int]:
         """The round of the latest complete checkpoint, or `None` when the run has none."""
         directory = self.latest()
-        return None if directory is None else int(directory.name.removeprefix("round_"))
+        return None if directory is None else _round_of(directory.name)
 
-    def load(self) -> Optional[tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-        """`(state, global_state, aggregator_state)` of the latest checkpoint (RNG states restored), or `None`."""
-        directory = self.latest()
-        if directory is None:
-            return None
-        files = {name: directory / name for name in ("state.json", "global_state.safetensors", "aggregator_state.safetensors", "rng_state.json", "rng_state.safetensors")}
+    def candidates(self) -> list[Path]:
+        """The checkpoints a resume may use, best first: the one `latest_checkpoint` names, then the older kept ones."""
+        name = self._latest_name()
+        if name is None:
+            return []
+        older = sorted((p for p in self._round_dirs() if _round_of(p.name) < _round_of(name)),
+                       key=lambda p: _round_of(p.name), reverse=True)
+        return [self.root / name, *older]
+
+    # -- reading ----------------------------------------------------------------------------------------------------
+
+    def read(self, directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], dict, dict]:
+        """Read and check one checkpoint: `(state, global_state, aggregator_state, rng_plain, rng_tensors)`.
+
+        Raises:
+            [`CheckpointError`]: naming every file that is missing, unreadable, fails its checksum or holds
+                non-finite values.
+        """
+        directory = Path(directory)
+        if directory.is_symlink() or not directory.is_dir():
+            raise CheckpointError(f"{directory}: not a checkpoint directory ({'a link' if directory.is_symlink() else 'missing'}).")
+        state_path = directory / STATE_FILE
         try:
-            state = json.loads(files["state.json"].read_text())
-            global_state = load_file(str(files["global_state.safetensors"]))
-            aggregator_state = load_file(str(files["aggregator_state.safetensors"]))
-            plain = json.loads(files["rng_state.json"].read_text())
-            tensors = load_file(str(files["rng_state.safetensors"]))
-        except (OSError, ValueError, json.JSONDecodeError) as err:  # safetensors raises its own errors too
-            raise ValueError(f"Cannot read checkpoint {directory}: {err}") from err
-        except Exception as err:
-            raise ValueError(f"Cannot read checkpoint {directory}: {type(err).__name__}: {err}") from err
-        set_rng_state(plain, tensors)
-        return state, global_state, aggregator_state
+            state = json.loads(state_path.read_bytes())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{state_path}: cannot be read as JSON ({type(err).__name__}: {err}).") from err
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{state_path}: expected a JSON object, got {type(state).__name__}.")
+        problems = []
+        if state.get("round") != _round_of(directory.name):
+            problems.append(f"{state_path}: records round {state.get('round')!r}, not that of {directory.name}")
+        digests = state.get("files")
+        if digests is None:
+            logger.warning("%s predates checkpoint checksums (format 1): its files are not verified.", directory)
+        elif not isinstance(digests, dict) or state.get("state_sha256") != _state_digest(state):
+            problems.append(f"{state_path}: its content does not match its recorded checksum (state_sha256)")
+            digests = {}
+        contents: dict[str, bytes] = {}
+        for name in sorted({*REQUIRED_FILES, *(digests or {})}):
+            path = directory / name
+            if Path(name).name != name or name == STATE_FILE:
+                problems.append(f"{state_path}: lists {name!r}, not a file of the checkpoint")
+                continue
+            try:
+                contents[name] = path.read_bytes()
+            except OSError as err:
+                problems.append(f"{path}: missing or unreadable ({type(err).__name__})")
+                continue
+            if digests and name in digests and digests[name] != sha256_bytes(contents[name]):
+                problems.append(f"{path}: checksum mismatch (truncated or altered; {len(contents[name])} bytes)")
+        if problems:
+            raise CheckpointError("; ".join(problems))
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for name in (GLOBAL_STATE_FILE, AGGREGATOR_STATE_FILE, RNG_TENSORS_FILE):
+            try:
+                tensors[name] = load_safetensors(contents[name])
+            except Exception as err:  # safetensors raises its own error types
+                raise CheckpointError(f"{directory / name}: not a readable safetensors file ({type(err).__name__}: {err}).") from err
+        for name in (GLOBAL_STATE_FILE, AGGREGATOR_STATE_FILE):
+            bad = non_finite_keys(tensors[name])
+            if bad:
+                raise CheckpointError(
+                    f"{directory / name}: non-finite values (NaN/Inf) in {len(bad)} tensor(s), e.g. {bad[0]!r}."
+                )
+        try:
+            plain = json.loads(contents[RNG_JSON_FILE])
+            plain["python"], plain["numpy"], tensors[RNG_TENSORS_FILE]["torch"]  # noqa: B018 (presence check)
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{directory / RNG_JSON_FILE}: not an RNG state ({type(err).__name__}: {err}).") from err
+        return state, tensors[GLOBAL_STATE_FILE], tensors[AGGREGATOR_STATE_FILE], plain, tensors[RNG_TENSORS_FILE]
+
+    def load(self, repair: bool = False) -> Optional[tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+        """`(state, global_state, aggregator_state)` of the newest checkpoint that passes its check (RNG states
+        restored), or `None` when the run has none.
+
+        When the latest checkpoint fails its check, the previous complete one is used with a warning naming the
+        files at fault ([`skipped`] lists them).
+
+        Args:
+            repair (`bool`, *optional*, defaults to `False`): after falling back, point `latest_checkpoint` at the
+                checkpoint used (only the process that owns the run directory should).
+
+        Raises:
+            [`CheckpointError`]: `latest_checkpoint` is invalid, or no checkpoint passes its check (every file at
+                fault is named).
+        """
+        self.skipped = []
+        for directory in self.candidates():
+            try:
+                state, global_state, aggregator_state, plain, rng_tensors = self.read(directory)
+            except CheckpointError as err:
+                self.skipped.append((directory, str(err)))
+                continue
+            if self.skipped:
+                logger.warning(
+                    "Resuming from %s: the newer checkpoint(s) failed their check: %s", directory.name,
+                    " | ".join(reason for _, reason in self.skipped),
+                )
+                if repair:
+                    tmp = self.run_dir / f"{LATEST_FILE}.tmp"
+                    _write_synced(tmp, directory.name.encode())
+                    os.replace(tmp, self.run_dir / LATEST_FILE)
+            set_rng_state(plain, rng_tensors)
+            return state, global_state, aggregator_state
+        if self.skipped:
+            raise CheckpointError(
+                f"No usable checkpoint in {self.root}: "
+                + " | ".join(f"{d.name}: {reason}" for d, reason in self.skipped)
+            )
+        return None
+
+
+def _serialize(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    return save_safetensors(dict(tensors))

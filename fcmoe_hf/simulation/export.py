@@ -113,7 +113,7 @@ def export_checkpoint(
     `output_dir` gets `global_adapter/`, `clients/<client_id>/adapter/` (with `clients=True`), their model cards,
     `plots/` (from the run's logs up to that round) and `outputs.json`: what
     [`~fcmoe_hf.hub.push_federated_adapters`] publishes. The tensors are those `write_outputs` writes for that round.
-    Only the latest checkpoint is kept by a run, so only its round can be exported.
+    Only the latest checkpoint's round is exported.
 
     Args:
         run_dir (`str` or `os.PathLike`): a run directory of [`~fcmoe_hf.simulation.FederatedSimulation`].
@@ -127,17 +127,21 @@ def export_checkpoint(
     Raises:
         `FileNotFoundError`: if `run_dir` has no checkpoint, or one written before checkpoints kept the adapter's
             config.
+        [`~fcmoe_hf.simulation.checkpoints.CheckpointError`]: the latest checkpoint fails its check (a file missing,
+            truncated, altered or holding non-finite values; the message names it).
     """
     run_dir, output_dir = Path(run_dir), Path(output_dir)
-    directory = CheckpointStore(run_dir).latest()
+    store = CheckpointStore(run_dir)
+    directory = store.latest()
     if directory is None:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint (no latest_checkpoint): there is no round to export.")
-    state = json.loads((directory / "state.json").read_text())
+    # Checked as a resume checks it (checksums, finite values): a damaged checkpoint is never published.
+    state, global_state, *_ = store.read(directory)
     checkpoint_round = int(state["round"])
     if round is not None and round != checkpoint_round:
         raise ValueError(
-            f"{run_dir}'s latest checkpoint holds round {checkpoint_round}, not round {round}: a run keeps only its "
-            "latest checkpoint, and earlier rounds are available only where they were pushed (tags round-<N>)."
+            f"{run_dir}'s latest checkpoint holds round {checkpoint_round}, not round {round}: only the latest "
+            "checkpoint is exported, and earlier rounds are available only where they were pushed (tags round-<N>)."
         )
     config_path = directory / CHECKPOINT_ADAPTER_CONFIG
     if not config_path.is_file():
@@ -152,7 +156,6 @@ def export_checkpoint(
     if not clients:
         record["clients"], record["cards"]["clients"] = [], {}
         record["cards"]["global"]["clients_repo_id"] = None
-    global_state = load_file(str(directory / "global_state.safetensors"))
     global_dir = output_dir / "global_adapter"
     _write_adapter(global_dir, global_state, config, render_card(record, "global", repo_id=str(global_dir)))
     for client_id in record["clients"]:

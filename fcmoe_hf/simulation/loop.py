@@ -36,15 +36,25 @@ from transformers import PreTrainedTokenizerBase
 from transformers.trainer_callback import PrinterCallback
 
 from ..data import ClientSplits
-from ..federated import Aggregator, ClientConfig, ClientUpdate, build_aggregator, retained_start
+from ..federated import (
+    Aggregator,
+    ClientConfig,
+    ClientUpdate,
+    UpdateBounds,
+    build_aggregator,
+    load_update,
+    retained_start,
+)
 from ..hub.push import HubPublisher
 from ..reporting import RoundLogger, truncate_jsonl
 from ..tasks import Task, build_task
 from ..trainer import FederatedMoETrainer, FederatedMoETrainingArguments, get_federated_state, set_federated_state
 from .arguments import FederationArguments
 from .checkpoints import CheckpointStore
+from .lock import acquire_run_lock
 from .outputs import write_outputs
 from .progress import ClientProgress
+from .resume import check_resume_config, finished_message, referenced_rounds, restore_history, run_config
 from .round_metrics import merge_round_metrics
 
 logger = logging.getLogger(__name__)
@@ -102,6 +112,8 @@ class FederatedSimulation:
         self.last_update_round: dict[str, int] = {}
         self.update_scales: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
+        #: Set by [`run`] when a resumed run had already finished: why nothing was done.
+        self.nothing_to_do: Optional[str] = None
 
     # -- paths ------------------------------------------------------------------------------------------------------
 
@@ -123,6 +135,24 @@ class FederatedSimulation:
         return load_file(str(self._round_dir(round_index) / "global_start.safetensors"))
 
     # -- one round --------------------------------------------------------------------------------------------------
+
+    #: `update_transform(round, client_id, update) -> update`, applied to every update the server receives before the
+    #: merge (e.g. [`~fcmoe_hf.federated.attacks.attack_clients`] to benchmark the defences); `None`: none.
+    update_transform: Optional[Callable[[int, str, ClientUpdate], ClientUpdate]] = None
+
+    def update_bounds(self, sampled: list[str]) -> UpdateBounds:
+        """What the server knows of round's clients ([`UpdateBounds`]): the ids it sampled, their partition sizes,
+        and the activations a sample can produce (`max_length` x local passes x `top_k`)."""
+        sizes = {cid: len(self.train_sets[self.client_ids.index(cid)]) for cid in sampled}
+        t = self.training_args
+        if t.max_steps and t.max_steps > 0:
+            seen = t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * self.state.num_processes
+            passes = max(seen / max(size, 1) for size in sizes.values())
+        else:
+            passes = t.num_train_epochs
+        peft_config = self.model.peft_config.get(self.model.active_adapter) if hasattr(self.model, "peft_config") else None
+        top_k = max(getattr(peft_config, "top_k", 1) or 1, getattr(self.model.config, "num_experts_per_tok", 1) or 1)
+        return UpdateBounds.for_round(sizes, max_length=self.args.max_length, passes=passes, top_k=top_k)
 
     def client_config(self, round_index: int) -> ClientConfig:
         """What the aggregator asks of the clients' local training in `round_index`."""
@@ -271,32 +301,49 @@ class FederatedSimulation:
                 "aggregator": self.args.aggregator,
                 "aggregator_config": self.aggregator.config.to_dict(),
                 "federation_args": dataclasses.asdict(self.args),
+                "run_config": run_config(self),
             },
             files=checkpoint_files(self),
         )
-        referenced = {f"round_{r:04d}" for r in self.last_update_round.values()}
+        # Client updates stay while a kept checkpoint (the previous one too: the fallback) refers to them.
+        referenced = referenced_rounds(self.checkpoints, self.last_update_round)
         for old in (self.run_dir / "rounds").glob("round_*"):
             if old.name not in referenced:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _load_checkpoint(self) -> tuple[int, Optional[dict[str, torch.Tensor]]]:
-        loaded = self.checkpoints.load()
+        # The newest checkpoint that passes its check (checksums, values); the previous one, with a warning, when the
+        # latest fails it. The process owning the run directory points latest_checkpoint at the one used.
+        loaded = self.checkpoints.load(repair=self.state.is_main_process)
         if loaded is None:
             return 0, None
         state, global_state, aggregator_state = loaded
-        if state["aggregator"] != self.args.aggregator:
-            raise ValueError(
-                f"Cannot resume {self.run_dir}: it was run with aggregator {state['aggregator']!r}, not {self.args.aggregator!r}."
-            )
+        check_resume_config(self, state, str(self.checkpoints.root / f"round_{int(state['round']):04d}"))
         self.aggregator.load_state_dict(aggregator_state)
         self.last_update_round = {k: int(v) for k, v in state["last_update_round"].items()}
         self.update_scales = {k: float(v) for k, v in state.get("update_scales", {}).items()}
+        if self.state.is_main_process:  # the rounds already run, as an uninterrupted run would hold them
+            self.history = restore_history(self.run_dir, int(state["round"]))
         return int(state["round"]), global_state
 
     # -- the run ----------------------------------------------------------------------------------------------------
 
     def run(self) -> list[dict[str, Any]]:
-        """Run (or resume) the federation; returns the per-round metrics (main process; `[]` elsewhere)."""
+        """Run (or resume) the federation; returns the per-round metrics (main process; `[]` elsewhere).
+
+        The main process holds an exclusive lock on the run directory ([`~fcmoe_hf.simulation.lock.RunLock`]) from
+        before anything is written until the run ends; a second run in the same directory fails on every process with
+        [`~fcmoe_hf.simulation.lock.RunDirectoryLocked`] naming the holder. A resume of a finished run does nothing
+        (`nothing_to_do` says why) and returns `[]`.
+        """
+        lock = acquire_run_lock(self.state, self.run_dir)
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> list[dict[str, Any]]:
         main = self.state.is_main_process
         # The federation publishes (TrainingArguments' hub fields), checked before any training; the clients' Trainers
         # never push nor create a repo: a client's checkpoint is built from its private data.
@@ -305,7 +352,12 @@ class FederatedSimulation:
         start_round, global_state = (0, None)
         if self.args.resume:
             start_round, global_state = self._load_checkpoint()
-        elif main and self.checkpoints.exists():
+            self.nothing_to_do = finished_message(self.run_dir, start_round, self.args.num_rounds)
+            if self.nothing_to_do is not None:  # its outputs are written: rewriting them would change nothing
+                logger.warning(self.nothing_to_do)
+                self.history = []
+                return []
+        elif self.checkpoints.exists():
             raise FileExistsError(f"{self.run_dir} already holds a run: pass --resume to continue it, or another run_dir.")
         if global_state is None:
             global_state = get_federated_state(self.model)
@@ -360,8 +412,12 @@ class FederatedSimulation:
             progress.close()
         self.state.wait_for_everyone()
         update_dirs = [self._update_dir(round_index, cid) for cid in sampled]
-        updates = [ClientUpdate.load(d) for d in update_dirs]
-        result = self.aggregator.aggregate(global_state, updates)
+        # Each update bound to the client the server assigned its directory to; an unreadable one is rejected.
+        received = {cid: load_update(d, cid) for cid, d in zip(sampled, update_dirs)}
+        if self.update_transform is not None:
+            received = {c: self.update_transform(round_index, c, u) if isinstance(u, ClientUpdate) else u for c, u in received.items()}
+        updates = [u for u in received.values() if isinstance(u, ClientUpdate)]
+        result = self.aggregator.aggregate(global_state, received, self.update_bounds(sampled))
         # Cosine quantiles, expert usage and bytes: measured against the state the clients started from.
         round_metrics = merge_round_metrics(result, updates, update_dirs, global_state)
         # Materialise the new global state: the next round must not read the (pruned) update files lazily.
