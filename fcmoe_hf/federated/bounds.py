@@ -125,17 +125,20 @@ class UpdateBounds:
         max_length: Optional[int] = None,
         passes: float = 1.0,
         top_k: Optional[int] = None,
+        slack: float = 2.0,
     ) -> UpdateBounds:
         """The bounds of a round from what a simulation knows: the sampled clients' partition sizes, the tokenizer's
         `max_length`, the local passes over the data (`num_train_epochs`, rounded up) and the router's `top_k`.
 
-        Without `max_length` the activation counts are not bounded (beyond the static check).
+        `slack` (2 by default) multiplies the activation bound: a forward pass recomputed under gradient
+        checkpointing routes its tokens again. An honest client stays within it; an inflating one gains at most that
+        factor. Without `max_length` the activation counts are not bounded (beyond the static check).
         """
         if not (isinstance(passes, (int, float)) and passes > 0 and math.isfinite(passes)):
             raise ValueError(f"passes must be a positive number, got {passes!r}.")
         per_sample = None
         if max_length is not None:
-            per_sample = float(max_length) * math.ceil(passes) * (top_k or 1)
+            per_sample = float(max_length) * math.ceil(passes) * (top_k or 1) * slack
         clients = {cid: ClientExpectation(max_num_samples=size) for cid, size in partition_sizes.items()}
         return cls(clients=clients, max_activations_per_sample=per_sample, top_k=top_k)
 
