@@ -151,6 +151,36 @@ def resolve_model_name(model_name_or_path: Union[str, os.PathLike]) -> tuple[str
     return name, None
 
 
+def check_model_name_or_path(model_name_or_path: Union[str, os.PathLike]) -> None:
+    """Fail early, naming the field, when `model_name_or_path` can only be a local path and does not exist.
+
+    An alias, an existing path and a valid Hub repo id (`"org/name"`, `"gpt2"`) pass; a name that looks like a path
+    (absolute, `./`, `../`, `~`, a `.gguf` file, more than one `/`) or is no valid repo id raises, instead of the Hub
+    client's "Repo id must be in the form ..." about a path that was meant.
+
+    Raises:
+        `FileNotFoundError`: `"model_name_or_path: no such directory ..."`.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = os.fspath(model_name_or_path)
+    if name.lower() in PACKAGED_MODEL_DIRS or name.lower() in MODEL_ALIASES or os.path.exists(name):
+        return
+    looks_local = os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\")) or name.lower().endswith(".gguf")
+    try:
+        validate_repo_id(name)
+        valid = True
+    except HFValidationError:
+        valid = False
+    if looks_local or not valid:
+        aliases = ", ".join(sorted({*MODEL_ALIASES, *PACKAGED_MODEL_DIRS}))
+        why = "a path, not a Hub repo id" if valid else "and not a valid Hub repo id either"
+        raise FileNotFoundError(
+            f"model_name_or_path: no such directory {name!r} (it does not exist, it is not an alias ({aliases}), "
+            f"{why}; resolved from {os.getcwd()})."
+        )
+
+
 def default_cache_dir() -> Path:
     """Where dequantised GGUF models are cached: `$FCMOE_HF_CACHE`, else `$XDG_CACHE_HOME/fcmoe_hf`, else
     `~/.cache/fcmoe_hf`."""
@@ -330,6 +360,8 @@ def load_base_model(
     Raises:
         `ImportError`: an alias was asked for and its package (or `gguf`) is not installed; the message gives the
             `pip install` command.
+        `FileNotFoundError`: `model_name_or_path` can only be a local path, and it does not exist
+            ([`check_model_name_or_path`]).
 
     Example:
 
@@ -352,6 +384,7 @@ def load_base_model(
         torch_dtype = kwargs.pop("dtype")
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    check_model_name_or_path(model_name_or_path)
     directory, gguf_file = resolve_model_name(model_name_or_path)
     gguf_file = kwargs.pop("gguf_file", None) or gguf_file
     shared = {k: kwargs[k] for k in _SHARED_KWARGS if k in kwargs}

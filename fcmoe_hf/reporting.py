@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,17 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for index, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if index < len(lines) - 1:
+                raise ValueError(f"{path}: line {index + 1} is not JSON.") from None
+            # A last line torn by a kill mid-append: the round it logged was not checkpointed either.
+            logging.getLogger(__name__).warning("%s: dropping its last line, cut short (%d chars).", path, len(line))
+    return records
 
 
 def truncate_jsonl(path: str | os.PathLike, last_round: int) -> None:

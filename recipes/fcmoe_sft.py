@@ -26,7 +26,7 @@ from fcmoe_hf import MoELoraConfig
 from fcmoe_hf.config_parsing import parse_yaml_and_args
 from fcmoe_hf.data import PartitionConfig, load_bundled_fortunes, load_text_dataset, partition_dataset
 from fcmoe_hf.hub import HubPublisher
-from fcmoe_hf.modeling import DEFAULT_MODEL, hub_model_id
+from fcmoe_hf.modeling import DEFAULT_MODEL, check_model_name_or_path, hub_model_id
 from fcmoe_hf.simulation import FederatedSimulation, FederationArguments
 from fcmoe_hf.tasks import build_task
 from fcmoe_hf.trainer import FederatedMoETrainingArguments
@@ -101,6 +101,7 @@ def _main(argv: Optional[list[str]] = None) -> None:
         (ModelArguments, MoEAdapterArguments, DataArguments, PartitionConfig, FederationArguments, FederatedMoETrainingArguments)
     )
     model_args, adapter_args, data_args, partition, federation, training_args = parse_yaml_and_args(parser, argv)
+    check_model_name_or_path(model_args.model_name_or_path)  # a mistyped path is said as such, before any work
     if training_args.push_to_hub and PartialState().is_main_process:
         # A missing token or a repo owned by someone else is an error now, not after hours of training.
         HubPublisher.from_training_args(training_args, training_args.output_dir)
@@ -109,7 +110,7 @@ def _main(argv: Optional[list[str]] = None) -> None:
         corpus = load_bundled_fortunes()
     else:
         corpus = load_text_dataset(data_args.dataset, text_column=data_args.text_column, label_column=data_args.label_column)
-    splits = partition_dataset(corpus, partition)
+    splits = partition_dataset(corpus, partition, dataset_name=data_args.dataset)
     if data_args.max_train_samples_per_client is not None:
         cap = data_args.max_train_samples_per_client
         for client in splits.clients:
@@ -132,6 +133,10 @@ def _main(argv: Optional[list[str]] = None) -> None:
 
     simulation = FederatedSimulation(model, tokenizer, splits, federation, training_args, task=task)
     history = simulation.run()
+    if simulation.nothing_to_do is not None:
+        if simulation.state.is_main_process:
+            print(f"\n{simulation.nothing_to_do}")
+        return
     if simulation.state.is_main_process:
         run_dir = os.path.abspath(training_args.output_dir)
         final = history[-1] if history else {}

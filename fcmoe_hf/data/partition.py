@@ -8,7 +8,7 @@ k-domains-per-client, or IID); every client's partition is then split, seeded, i
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict
@@ -189,7 +189,19 @@ def build_partitioner(config: PartitionConfig, label_column: str = LABEL_COLUMN)
     return IidPartitioner(num_partitions=config.num_clients)
 
 
-def partition_dataset(corpus: DatasetDict, config: PartitionConfig, label_column: str = LABEL_COLUMN) -> ClientSplits:
+def _too_many_clients(config: PartitionConfig, dataset_name: str, rows: int, why: str) -> ValueError:
+    dirichlet = config.scheme == "dirichlet"
+    setting = f"min_partition_size={config.min_partition_size}, " if dirichlet else ""
+    return ValueError(
+        f"num_clients={config.num_clients} is too many for {dataset_name} ({rows} train rows, {setting}"
+        f"scheme={config.scheme!r}): {why}. Use fewer clients"
+        + (", a larger alpha or a smaller min_partition_size." if dirichlet else ".")
+    )
+
+
+def partition_dataset(
+    corpus: DatasetDict, config: PartitionConfig, label_column: str = LABEL_COLUMN, *, dataset_name: Optional[str] = None
+) -> ClientSplits:
     """Divide `corpus["train"]` among clients and give each client a train and a local test split.
 
     Deterministic for a given corpus and `config.partition_seed`. Every train example goes to at most one client, so clients
@@ -204,6 +216,7 @@ def partition_dataset(corpus: DatasetDict, config: PartitionConfig, label_column
             `ClassLabel` column `label_column` (see `load_bundled_fortunes` / `load_text_dataset`).
         config (`PartitionConfig`): the partitioning configuration.
         label_column (`str`): column to partition by.
+        dataset_name (`str`, *optional*): the corpus' name, for error messages (`"the corpus"` when omitted).
 
     Returns:
         [`ClientSplits`]: per-client `DatasetDict(train=..., test=...)` and the global test set (`corpus["test"]`).
@@ -228,8 +241,13 @@ def partition_dataset(corpus: DatasetDict, config: PartitionConfig, label_column
             f"label_column {label_column!r} must be a ClassLabel (got {feature}); load the corpus with "
             "load_text_dataset, or cast the column with Dataset.class_encode_column"
         )
+    name = dataset_name or "the corpus"
     if config.num_clients > train.num_rows:
-        raise ValueError(f"num_clients={config.num_clients} exceeds the {train.num_rows} train examples")
+        raise _too_many_clients(config, name, train.num_rows, "there are fewer train rows than clients")
+    if config.scheme == "dirichlet" and config.num_clients * config.min_partition_size > train.num_rows:
+        raise _too_many_clients(
+            config, name, train.num_rows, f"{config.num_clients} x {config.min_partition_size} rows do not fit"
+        )
 
     if config.scheme == "iid":
         # IidPartitioner cuts contiguous shards: shuffle first (seeded) so that a label-sorted corpus is still IID.
@@ -239,11 +257,20 @@ def partition_dataset(corpus: DatasetDict, config: PartitionConfig, label_column
 
     clients = []
     for client_id in range(config.num_clients):
-        partition = partitioner.load_partition(client_id)
+        try:
+            partition = partitioner.load_partition(client_id)
+        except ValueError as err:
+            if "max number of attempts" not in str(err):
+                raise
+            # flwr-datasets' Dirichlet sampler gave up redrawing: say it in terms of the configuration.
+            raise _too_many_clients(
+                config, name, train.num_rows,
+                f"10 Dirichlet draws (alpha={config.alpha}) all left a client below min_partition_size",
+            ) from err
         if partition.num_rows < 2:
-            raise ValueError(
-                f"client {client_id} received {partition.num_rows} example(s), too few for a train and a local test "
-                f"split (scheme={config.scheme!r}); use fewer clients, a larger alpha or min_partition_size >= 2"
+            raise _too_many_clients(
+                config, name, train.num_rows,
+                f"client {client_id} received {partition.num_rows} example(s), too few for a train and a local test split",
             )
         # Seed per client so that one client's split does not depend on the others'.
         local = partition.train_test_split(
