@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcmoe_hf.federated import ClientUpdate, build_aggregator
+from fcmoe_hf.federated import ClientUpdate, UpdateBounds, build_aggregator
+from fcmoe_hf.federated.functional.importance import capped_norms, stack_statistics
 
 GOLDEN = Path(__file__).parent / "golden" / "aggregators.json"
 PREFIX = "base_model.model.model.layers"
@@ -85,6 +86,10 @@ CASES = {
     "fcmoe_filtered": ("fcmoe", {"retention_mode": "filtered"}),
     "fcmoe_clipped": ("fcmoe", {"clip_update_norm": 0.05}),
     "fedavg_clipped": ("fedavg", {"clip_update_norm": 0.05}),
+    "fedmedian": ("fedmedian", {}),
+    "fedtrimmedavg": ("fedtrimmedavg", {}),
+    "fcmoe_robust_median": ("fcmoe", {"robust": "median"}),
+    "fcmoe_robust_trimmed_mean": ("fcmoe", {"robust": "trimmed_mean"}),
 }
 
 
@@ -128,3 +133,25 @@ def test_every_merge_is_bit_identical_to_the_recorded_one(tmp_path):
     assert sorted(results) == sorted(expected)
     changed = {case: keys for case, keys in ((c, [k for k in results[c] if results[c][k] != expected[c].get(k)]) for c in results) if keys}
     assert not changed, f"merges changed: {changed}"
+
+
+@pytest.mark.parametrize("action", ["reject", "clip"])
+def test_default_defences_keep_every_honest_golden_update(action):
+    """The fixtures' clients differ 12x in norm (client 3 opposes the others at 3x): the default relative bound, the
+    round's bounds and FC-MoE's importance cap must leave every one of them untouched (the hashes above prove the
+    merges unchanged; this proves why)."""
+    for case, (name, overrides) in CASES.items():
+        if "clip_update_norm" in overrides:
+            continue
+        aggregator = build_aggregator(name, **overrides, norm_bound_action=action)
+        global_state = _global_state()
+        for round_index in range(2):
+            updates = _updates(global_state, round_index)
+            bounds = UpdateBounds.for_round({u.client_id: u.num_samples for u in updates}, max_length=8, top_k=1)
+            result = aggregator.aggregate(global_state, updates, bounds)
+            assert result.rejected == [] and set(result.update_scales.values()) == {1.0}, case
+            for group in updates[0].expert_groups:
+                counts = stack_statistics(updates, group, NUM_EXPERTS)
+                norms = torch.stack([u.expert_norms()[group] for u in updates])
+                assert torch.equal(capped_norms(norms, counts, aggregator.config.norm_bound_factor), norms), (case, group)
+            global_state = {k: v.clone() for k, v in result.global_state.items()}

@@ -60,7 +60,8 @@ class FCMoEConfig(AggregatorConfig):
         robust (`str`, *optional*): `"median"` or `"trimmed_mean"`: the consensus and the merge of every expert are
             the coordinate-wise importance-*weighted* median / trimmed mean of the clients' updates
             ([`~fcmoe_hf.federated.functional.robust`]) instead of the weighted mean, so a minority of clients cannot
-            drag a coordinate outside the honest range whatever their weight. With projection, conflicting updates
+            drag a coordinate outside the honest range. The importance norm is then capped at the expert's median
+            norm (a weighted median follows whoever holds half the weight). With projection, conflicting updates
             are projected against the robust consensus (Eq. 4) and the merge is the robust statistic of the projected
             updates. `None` (default): the paper's weighted mean. Needs `projection_mode="consensus"` and
             `retention_mode="projection"`.
@@ -341,8 +342,10 @@ class FCMoEAggregator(Aggregator):
             part = slice(start, stop)
             stacked = arena.views([(k, stop - start, d) for d in dims])
             norms[:, part] = read_checked_chunk(stream, keys, start, stop, stacked).sqrt()  # clip applied to the data
+            # A weighted median follows whoever holds half the weight: the importance norm is capped at the expert's
+            # median norm, so moving an expert further than a typical client buys no weight at all.
             scores = (
-                counts[:, part] * capped_norms(norms[:, part], counts[:, part], cfg.norm_bound_factor)
+                counts[:, part] * capped_norms(norms[:, part], counts[:, part], 1.0)
                 if cfg.use_importance
                 else sizes.unsqueeze(1).expand(k, stop - start)
             )
