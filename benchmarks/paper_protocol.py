@@ -82,9 +82,35 @@ def _commit() -> str:
         return "unknown"
 
 
-def cell_key(protocol: Protocol, method: str, alpha: float, seed: int) -> str:
-    """A cell's identity: the method, alpha and seed under one exact protocol (any field changed is a new cell)."""
-    return f"{protocol.model}/{protocol.task}/{method}/alpha={alpha:g}/seed={seed}/protocol={protocol_id(protocol)}"
+#: attack scenario -> (attacked client, what it does to its update every round). One client of ten attacks.
+ATTACKS: dict[str, tuple[str, str]] = {
+    "sign_flip_x100": ("client_3", "sends -100 x its honest update"),
+    "inflate_counts_x1e6": ("client_7", "claims 10**6 x its activation counts and num_samples"),
+}
+
+#: The server's default defences switched off (the static checks on update metadata stay on).
+DEFENCES_OFF: dict[str, Any] = {"norm_bound_factor": None, "enforce_bounds": False}
+
+
+def cell_key(protocol: Protocol, method: str, alpha: float, seed: int, attack: Optional[str] = None,
+             defences: bool = True) -> str:
+    """A cell's identity: the method, alpha and seed under one exact protocol (any field changed is a new cell), and
+    the attack scenario with the defences on or off when there is one."""
+    key = f"{protocol.model}/{protocol.task}/{method}/alpha={alpha:g}/seed={seed}/protocol={protocol_id(protocol)}"
+    if attack is not None:
+        key += f"/attack={attack}/defences={'on' if defences else 'off'}"
+    elif not defences:
+        key += "/defences=off"
+    return key
+
+
+def _attack_transform(attack: str):
+    from fcmoe_hf.federated.attacks import attack_clients, inflate_counts, sign_flip_update
+
+    client, _ = ATTACKS[attack]
+    if attack == "sign_flip_x100":
+        return attack_clients({client: lambda update: sign_flip_update(update, 100.0)})
+    return attack_clients({client: lambda update: inflate_counts(update, 10**6)})
 
 
 def protocol_id(protocol: Protocol) -> str:
@@ -174,7 +200,7 @@ def _compact(history: list[dict[str, Any]], client_ids: list[str]) -> list[dict[
     return rounds
 
 
-def _federated(protocol, method, alpha, seed, workdir) -> list[dict[str, Any]]:
+def _federated(protocol, method, alpha, seed, workdir, attack=None, defences=True) -> list[dict[str, Any]]:
     from fcmoe_hf.tasks import build_task
 
     splits = _splits(protocol, alpha, seed)
@@ -184,7 +210,11 @@ def _federated(protocol, method, alpha, seed, workdir) -> list[dict[str, Any]]:
     config = dict(overrides)
     if aggregator == "fcmoe" and config.get("use_retention", True):
         config["retention_lambda"] = protocol.retention_lambda
+    if not defences:
+        config.update(DEFENCES_OFF)
     simulation = _simulation(protocol, model, tokenizer, splits, task, aggregator, config or None, seed, workdir / "run")
+    if attack is not None:
+        simulation.update_transform = _attack_transform(attack)
     return _compact(simulation.run(), simulation.client_ids)
 
 
@@ -257,12 +287,17 @@ def _centralized(protocol, alpha, seed, workdir) -> list[dict[str, Any]]:
     return rounds
 
 
-def run_cell(protocol: Protocol, method: str, alpha: float, seed: int) -> dict[str, Any]:
+def run_cell(protocol: Protocol, method: str, alpha: float, seed: int, attack: Optional[str] = None,
+             defences: bool = True) -> dict[str, Any]:
     """Run one cell and return its record."""
+    if (attack is not None or not defences) and method in ("local", "centralized"):
+        raise ValueError(f"attacks and defences apply to federated methods, not {method!r}")
     workdir = Path(tempfile.mkdtemp(prefix="paper_protocol_"))
     started = time.perf_counter()
     try:
-        if method == "local":
+        if attack is not None or not defences:
+            rounds = _federated(protocol, method, alpha, seed, workdir, attack, defences)
+        elif method == "local":
             rounds = _local_only(protocol, alpha, seed, workdir)
         elif method == "centralized":
             rounds = _centralized(protocol, alpha, seed, workdir)
@@ -270,8 +305,10 @@ def run_cell(protocol: Protocol, method: str, alpha: float, seed: int) -> dict[s
             rounds = _federated(protocol, method, alpha, seed, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    extra = {"attack": attack, "defences": defences} if attack is not None or not defences else {}
     return {
-        "kind": "cell", "key": cell_key(protocol, method, alpha, seed), "method": method, "alpha": alpha, "seed": seed,
+        "kind": "attack_cell" if extra else "cell", "key": cell_key(protocol, method, alpha, seed, attack, defences),
+        "method": method, "alpha": alpha, "seed": seed, **extra,
         "protocol": dataclasses.asdict(protocol), "rounds": rounds, "wall_seconds": round(time.perf_counter() - started, 1),
         "commit": _commit(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -280,19 +317,20 @@ def run_cell(protocol: Protocol, method: str, alpha: float, seed: int) -> dict[s
 # -------------------------------------------------------------------------------------------------------- the grid
 
 
-def run_grid(protocol: Protocol, methods, alphas, seeds, results: Path, shard: tuple[int, int] = (0, 1)) -> None:
+def run_grid(protocol: Protocol, methods, alphas, seeds, results: Path, shard: tuple[int, int] = (0, 1),
+             attack: Optional[str] = None, defences: bool = True) -> None:
     """Run every unfinished cell (alphas outermost); with `shard=(i, n)`, only cells i, i + n, i + 2n, ... of the grid,
     so that n processes (one thread each) share a machine's cores and one raw file."""
     index, count = shard
     cells = [(a, s, m) for a in alphas for s in seeds for m in methods][index::count]
     for alpha, seed, method in cells:
-        done = {r["key"] for r in read_records(results) if r.get("kind") == "cell"}
-        key = cell_key(protocol, method, alpha, seed)
+        done = {r["key"] for r in read_records(results) if r.get("kind") in ("cell", "attack_cell")}
+        key = cell_key(protocol, method, alpha, seed, attack, defences)
         if key in done:
             print(f"skip {key} (done)", flush=True)
             continue
         print(f"run  {key}", flush=True)
-        record = run_cell(protocol, method, alpha, seed)
+        record = run_cell(protocol, method, alpha, seed, attack, defences)
         append_record(results, record)
         final = record["rounds"][-1]
         print(
@@ -328,6 +366,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--report", action="store_true", help="write tables and plots from --results, run nothing")
     parser.add_argument("--report-dir", type=Path, default=None, help="where --report writes (default: beside --results)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--attack", default=None, choices=list(ATTACKS), help="one client of ten attacks every round")
+    parser.add_argument("--defences", default="on", choices=["on", "off"], help="the server's default defences")
     parser.add_argument("--shard", default="0/1", help="i/n: run cells i, i+n, ... (n processes share one raw file)")
     for field in dataclasses.fields(Protocol):
         kind = {int: int, float: float}.get(type(field.default), str)
@@ -358,7 +398,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
         parser.error(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}")
     run_grid(protocol, args.methods.split(","), [float(a) for a in args.alphas.split(",")],
-             [int(s) for s in args.seeds.split(",")], args.results, shard)
+             [int(s) for s in args.seeds.split(",")], args.results, shard, args.attack, args.defences == "on")
 
 
 if __name__ == "__main__":

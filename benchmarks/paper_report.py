@@ -47,6 +47,10 @@ def _final(cell_records, key):
     return [r["rounds"][-1].get(key) for r in cell_records]
 
 
+#: attack scenario -> the attacking client (as `paper_protocol.ATTACKS`, repeated so the report needs no torch import).
+ATTACKERS = {"sign_flip_x100": "client_3", "inflate_counts_x1e6": "client_7"}
+
+
 def write_report(results: Path, out_dir: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean over methods without conflict statistics
@@ -65,7 +69,7 @@ def _write_report(results: Path, out_dir: Path) -> Path:
     else:
         grid_protocol = all_cells[-1]["protocol"] if all_cells else None
     grid = [r for r in all_cells if r["protocol"] == grid_protocol]
-    swept = [r for r in all_cells if sweep and {**r["protocol"], "learning_rate": chosen} == grid_protocol]
+    swept = [r for r in all_cells if sweep and r not in grid and {**r["protocol"], "learning_rate": chosen} == grid_protocol]
     other = [r for r in all_cells if r not in grid and r not in swept]
     cells = _cells(grid)
     alphas = sorted({alpha for _, alpha in cells})
@@ -118,6 +122,20 @@ def _write_report(results: Path, out_dir: Path) -> Path:
                   if any(v is not None for v in lows) else "-")
         lines.append(f"| {method} | {a:g} | {np.mean(conv):.1f} | {_mean_std(_final(recs, 'local_accuracy_mean'))} | "
                      f"{spread} | {share} |")
+    attacked = [r for r in records if r.get("kind") == "attack_cell" and r["protocol"] == grid_protocol]
+    if attacked:
+        lines += ["", "## Attacks: one client of ten attacks every round (final global accuracy, %)", "",
+                  "| method | α | seed | attack | defences | clean | attacked | cost (points) | rounds attacker rejected |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for rec in sorted(attacked, key=lambda r: (r["method"], r["alpha"], r["seed"], r["attack"], not r["defences"])):
+            clean = [c for c in grid if (c["method"], c["alpha"], c["seed"]) == (rec["method"], rec["alpha"], rec["seed"])]
+            after = rec["rounds"][-1]["global_accuracy"]
+            before = clean[0]["rounds"][-1]["global_accuracy"] if clean else float("nan")
+            attacker = ATTACKERS.get(rec["attack"], "")
+            hits = sum(attacker in json.dumps(r.get("rejected", [])) for r in rec["rounds"])
+            lines.append(f"| {rec['method']} | {rec['alpha']:g} | {rec['seed']} | {rec['attack']} | "
+                         f"{'on' if rec['defences'] else 'off'} | {100 * before:.1f} | {100 * after:.1f} | "
+                         f"{100 * (before - after):+.1f} | {hits} of {len(rec['rounds'])} |")
     if other:
         lines += ["", "## Cells of other protocols (final round)", "",
                   "| method | α | seed | protocol differences | global acc | local acc mean |", "|---|---|---|---|---|---|"]
@@ -159,7 +177,8 @@ def _plots(cells, alphas, out_dir: Path) -> None:
     for ax, title in zip(axes, ("global accuracy", "mean local accuracy", "conflict share")):
         ax.set_title(f"{title} per round (α={alpha:g}, mean over seeds)")
         ax.set_xlabel("round")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / f"paper_protocol_alpha{alpha:g}.png", dpi=110)
     plt.close(fig)
