@@ -155,8 +155,8 @@ class CheckpointStore:
             round_index (`int`): the round just completed.
             global_state (`Mapping[str, torch.Tensor]`): the global state after it.
             aggregator_state (`Mapping[str, torch.Tensor]`): the aggregator's state (server momentum, ...).
-            state (`Mapping[str, Any]`): the run's bookkeeping, JSON-ready (`round`, `format`, `files` and
-                `state_sha256` are added).
+            state (`Mapping[str, Any]`): the run's bookkeeping, JSON-ready (`round`, `format`, `files`,
+                `key_order` and `state_sha256` are added).
             files (`Mapping[str, bytes]`, *optional*): extra files (plain names) written into the checkpoint directory
                 before it is committed.
         """
@@ -183,7 +183,11 @@ class CheckpointStore:
         put(RNG_JSON_FILE, json.dumps(plain).encode())
         for name, content in (files or {}).items():
             put(name, bytes(content))
-        record = json.loads(json.dumps({"round": round_index, **state, "format": FORMAT_VERSION, "files": digests}, default=str))
+        # safetensors stores keys sorted; the dicts' own order is kept so that a resumed run iterates (and so sums
+        # floats) in the order an uninterrupted one does.
+        order = {GLOBAL_STATE_FILE: list(global_state), AGGREGATOR_STATE_FILE: list(aggregator_state)}
+        record = {"round": round_index, **state, "format": FORMAT_VERSION, "files": digests, "key_order": order}
+        record = json.loads(json.dumps(record, default=str))
         record["state_sha256"] = _state_digest(record)
         _write_synced(directory / STATE_FILE, json.dumps(record, indent=2).encode())
         _fsync_path(directory)
@@ -303,6 +307,9 @@ class CheckpointStore:
             except Exception as err:  # safetensors raises its own error types
                 raise CheckpointError(f"{directory / name}: not a readable safetensors file ({type(err).__name__}: {err}).") from err
         for name in (GLOBAL_STATE_FILE, AGGREGATOR_STATE_FILE):
+            order = (state.get("key_order") or {}).get(name)
+            if isinstance(order, list) and sorted(order) == sorted(tensors[name]):
+                tensors[name] = {key: tensors[name][key] for key in order}
             bad = non_finite_keys(tensors[name])
             if bad:
                 raise CheckpointError(
