@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from peft import get_peft_model
 
 from fcmoe_hf import MoELoraConfig
@@ -42,3 +43,49 @@ def tiny_config(run_dir, aggregator="fcmoe", **overrides):
     )
     values.update(overrides)
     return FlowerRunConfig(**values)
+
+
+def test_app_run_config_is_the_dataclass():
+    import tomllib
+
+    pyproject = tomllib.loads((ROOT / "recipes" / "flower" / "pyproject.toml").read_text())
+    run_config = pyproject["tool"]["flwr"]["app"]["config"]
+    assert set(run_config) == set(FlowerRunConfig().to_run_config())
+    parsed = FlowerRunConfig.from_run_config(run_config)
+    assert parsed.to_run_config() == run_config
+    assert FlowerRunConfig.from_run_config({"aggregator": "flwr:fedadam"}).is_flower_strategy
+
+
+@pytest.mark.parametrize(
+    "run_config,message",
+    [
+        ({"num-rounds": 3}, "Unknown run config key.*num-rounds"),
+        ({"num-server-rounds": "3"}, "'num-server-rounds' must be a int"),
+        ({"aggregator": "flwr:krum"}, "flwr:fedavg"),
+        ({"aggregator-config": "{bad"}, "aggregator-config is not valid JSON"),
+        ({"transport-dtype": "float16"}, "transport-dtype"),
+    ],
+)
+def test_run_config_errors_name_the_key(run_config, message):
+    with pytest.raises(ValueError, match=message):
+        FlowerRunConfig.from_run_config(run_config)
+
+
+def test_bfloat16_transport_halves_the_upload_and_round_trips():
+    pytest.importorskip("flwr")
+    from fcmoe_hf.federated import ClientUpdate
+    from fcmoe_hf.flower.records import content_to_update, record_nbytes, update_to_content
+
+    g = torch.Generator().manual_seed(0)
+    deltas = {"a.moe_lora_A": torch.randn(4, 16, 64, generator=g), "b.weight": torch.randn(32, 64, generator=g)}
+    update = ClientUpdate("client_1", 7, deltas, activation_counts={"a": torch.tensor([3, 0, 5, 1])}, round=2,
+                          metrics={"train_loss": 0.5})
+    full, half = update_to_content(update, "float32"), update_to_content(update, "bfloat16")
+    assert record_nbytes(half) < 0.6 * record_nbytes(full)
+    back = content_to_update(half)
+    assert (back.client_id, back.num_samples, back.round, back.metrics) == ("client_1", 7, 2, {"train_loss": 0.5})
+    assert torch.equal(back.activation_counts["a"], torch.tensor([3, 0, 5, 1]))
+    for key, value in deltas.items():
+        assert back.deltas[key].dtype == torch.float32
+        assert torch.equal(back.deltas[key], value.to(torch.bfloat16).float())
+    assert all(torch.equal(content_to_update(full).deltas[k], v) for k, v in deltas.items())

@@ -255,7 +255,11 @@ class FlowerServer:
         metrics["bytes_downloaded_total"] = int(sum(record_nbytes(m.content) for m in messages))
         if round_index % cfg.eval_every == 0 or round_index == cfg.num_server_rounds:
             metrics.update(self.evaluate_global(new_state))
-            evaluation = strategy.configure_evaluate(round_index, state_to_arrays(new_state), ConfigRecord(), grid)
+            # A node that failed this round's training is presumed down: it is not asked to evaluate (which would
+            # wait for it until the timeout again).
+            failed = {f["node_id"] for f in failures}
+            evaluation = [m for m in strategy.configure_evaluate(round_index, state_to_arrays(new_state), ConfigRecord(), grid)
+                          if m.metadata.dst_node_id not in failed]
             metrics.update(local_metrics(grid.send_and_receive(evaluation, timeout=cfg.round_timeout)))
         metrics["round_wall_seconds"] = time.perf_counter() - started
         return new_state, metrics, conflicts
