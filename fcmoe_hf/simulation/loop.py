@@ -312,8 +312,7 @@ class FederatedSimulation:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _load_checkpoint(self) -> tuple[int, Optional[dict[str, torch.Tensor]]]:
-        # The newest checkpoint that passes its check (checksums, values); the previous one, with a warning, when the
-        # latest fails it. The process owning the run directory points latest_checkpoint at the one used.
+        # The newest checkpoint passing its check (the previous one, with a warning, when the latest fails it).
         loaded = self.checkpoints.load(repair=self.state.is_main_process)
         if loaded is None:
             return 0, None
@@ -329,13 +328,9 @@ class FederatedSimulation:
     # -- the run ----------------------------------------------------------------------------------------------------
 
     def run(self) -> list[dict[str, Any]]:
-        """Run (or resume) the federation; returns the per-round metrics (main process; `[]` elsewhere).
-
-        The main process holds an exclusive lock on the run directory ([`~fcmoe_hf.simulation.lock.RunLock`]) from
-        before anything is written until the run ends; a second run in the same directory fails on every process with
-        [`~fcmoe_hf.simulation.lock.RunDirectoryLocked`] naming the holder. A resume of a finished run does nothing
-        (`nothing_to_do` says why) and returns `[]`.
-        """
+        """Run (or resume) the federation; returns the per-round metrics (main process; `[]` elsewhere, and `[]` when
+        a resumed run had already finished: `nothing_to_do` says so). The run directory is locked throughout
+        ([`~fcmoe_hf.simulation.lock.RunLock`]): a second run there fails on every process, naming the holder."""
         lock = acquire_run_lock(self.state, self.run_dir)
         try:
             return self._run()
