@@ -27,7 +27,7 @@ def test_flower_simulation_matches_in_process_federation(tmp_path, aggregator):
     expected, got = global_adapter(tmp_path / "in_process"), global_adapter(tmp_path / "flower")
     assert got.keys() == expected.keys()
     for key, value in expected.items():
-        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
     # The same outputs as the in-process run: metrics per round (with bytes on the wire), plots, personalized adapters
     # written by the clients themselves.
     assert [h["round"] for h in history] == [1, 2]
@@ -40,4 +40,4 @@ def test_flower_simulation_matches_in_process_federation(tmp_path, aggregator):
         flower = load_file(tmp_path / "flower" / "clients" / client_id / "adapter" / "adapter_model.safetensors")
         in_process = load_file(tmp_path / "in_process" / "clients" / client_id / "adapter" / "adapter_model.safetensors")
         for key, value in in_process.items():
-            torch.testing.assert_close(flower[key], value, rtol=1e-4, atol=1e-6, msg=f"{client_id} {key}")
+            torch.testing.assert_close(flower[key], value, rtol=1e-4, atol=1e-5, msg=f"{client_id} {key}")

