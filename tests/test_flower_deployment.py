@@ -99,20 +99,6 @@ def _rounds(run_dir):
     return [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_deployment_runs_two_rounds_and_writes_outputs(federation, tmp_path):
-    run_dir = tmp_path / "run"
-    done = federation.run(run_dir)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert _rounds(run_dir) == [1, 2]
-    final = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert final["server_num_clients"] == 2 and final["bytes_uploaded_per_client_mean"] > 0
-    assert {"client_0/local_accuracy", "client_1/local_accuracy", "global_accuracy"} <= set(final)
-    assert (run_dir / "global_adapter" / "adapter_model.safetensors").is_file()
-    assert (run_dir / "plots" / "metrics.png").is_file() and (run_dir / "outputs.json").is_file()
-    for client_id in ("client_0", "client_1"):  # written by each SuperNode's ClientApp, not by the server
-        assert (run_dir / "clients" / client_id / "adapter" / "adapter_model.safetensors").is_file()
-
-
 def _kill_in_round_2(federation, run_dir, **overrides):
     """Start the run, kill SuperNode 1 as soon as it starts training round 2, wait for the run to end."""
     memory = run_dir / "clients" / "client_1" / "flower_state" / "memory.json"
@@ -152,6 +138,7 @@ def test_deployment_round_fails_clearly_when_min_clients_does_not_allow(federati
 
 
 def test_stopped_server_resumes_to_the_same_global_adapter(tmp_path):
+    """Two `flwr run`s on one deployment: round 1, then `resume=true` to round 2; outputs as the in-process run's."""
     federation = Federation(tmp_path / "flwr_home", num_nodes=3)  # make_simulation's three clients
     try:
         _stop_and_resume(federation, tmp_path)
@@ -168,6 +155,12 @@ def _stop_and_resume(federation, tmp_path):
     resumed = federation.run(run_dir, **three, **{"resume": True})
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert _rounds(run_dir) == [1, 2]
+    final = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["server_num_clients"] == 3 and final["bytes_uploaded_per_client_mean"] > 0 and final["failed_clients"] == []
+    assert {"client_0/local_accuracy", "client_2/local_accuracy", "global_accuracy"} <= set(final)
+    assert (run_dir / "plots" / "metrics.png").is_file() and (run_dir / "outputs.json").is_file()
+    for client_id in ("client_0", "client_1", "client_2"):  # written by each SuperNode's ClientApp, not by the server
+        assert (run_dir / "clients" / client_id / "adapter" / "adapter_model.safetensors").is_file()
     # An uninterrupted run of the same federation, in process (equal to a Flower one: tests/test_flower.py).
     make_simulation(tmp_path, "reference", aggregator="fcmoe", num_rounds=2).run()
     expected = load_file(tmp_path / "reference" / "global_adapter" / "adapter_model.safetensors")
