@@ -48,6 +48,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "fcmoe_no_importance": ("fcmoe", {"use_importance": False}),
     "local": ("fedavg", {}),
     "centralized": ("fedavg", {}),
+    # Flower's own strategies, run through fcmoe_hf's Flower app (a peer's implementation of the baselines, not ours).
+    # FedProx gets our default mu (Flower's is 0); FedAdam a server learning rate sized for LoRA deltas, tau as ours.
+    "flwr_fedavg": ("flwr:fedavg", {}),
+    "flwr_fedprox": ("flwr:fedprox", {"proximal_mu": 0.01}),
+    "flwr_fedadam": ("flwr:fedadam", {"eta": 1e-2, "tau": 1e-3}),
 }
 
 
@@ -287,6 +292,31 @@ def _centralized(protocol, alpha, seed, workdir) -> list[dict[str, Any]]:
     return rounds
 
 
+def _flower(protocol, method, alpha, seed, workdir) -> list[dict[str, Any]]:
+    """The cell as a Flower simulation (`run_flower_simulation`: the same model, data, partition and seeds as
+    [`_federated`], clients as Ray actors given one CPU in all, so they train one after another)."""
+    from fcmoe_hf.flower import FlowerRunConfig, run_flower_simulation
+
+    strategy, overrides = METHODS[method]
+    config = FlowerRunConfig(
+        aggregator=strategy, aggregator_config=json.dumps(overrides) if overrides else "",
+        num_server_rounds=protocol.num_rounds, num_clients=protocol.num_clients,
+        min_train_clients=protocol.num_clients, min_available_clients=protocol.num_clients,
+        model=protocol.model, task=protocol.task, dataset=protocol.dataset or "fortunes",
+        partition_scheme="dirichlet", alpha=alpha, partition_seed=seed, seed=seed,
+        min_partition_size=protocol.min_partition_size, local_test_fraction=protocol.local_test_fraction,
+        max_train_samples_per_client=protocol.max_train_samples_per_client or 0, max_length=protocol.max_length,
+        moe_num_experts=protocol.num_experts, moe_top_k=protocol.top_k, moe_r=protocol.r, moe_lora_alpha=protocol.lora_alpha,
+        batch_size=protocol.batch_size, learning_rate=protocol.learning_rate, lr_scheduler_type="constant",
+        training_args='{"warmup_steps": 0, "logging_steps": 10}', eval_batch_size=64,
+        max_global_eval_samples=protocol.max_global_eval_samples or 0,
+        max_local_eval_samples=protocol.max_local_eval_samples or 0, save_client_adapters=False,
+        run_dir=str(workdir / "run"),
+    )
+    history = run_flower_simulation(config, num_cpus_per_client=1, ray_init_args={"num_cpus": 1})
+    return _compact(history, [f"client_{i}" for i in range(protocol.num_clients)])
+
+
 def run_cell(protocol: Protocol, method: str, alpha: float, seed: int, attack: Optional[str] = None,
              defences: bool = True) -> dict[str, Any]:
     """Run one cell and return its record."""
@@ -297,6 +327,8 @@ def run_cell(protocol: Protocol, method: str, alpha: float, seed: int, attack: O
     try:
         if attack is not None or not defences:
             rounds = _federated(protocol, method, alpha, seed, workdir, attack, defences)
+        elif method.startswith("flwr_"):
+            rounds = _flower(protocol, method, alpha, seed, workdir)
         elif method == "local":
             rounds = _local_only(protocol, alpha, seed, workdir)
         elif method == "centralized":

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-TABLE_METHODS = ["fedavg", "fedprox", "fedmoe", "pfl_moe", "fedalign_moe", "fcmoe", "local", "centralized"]
+TABLE_METHODS = ["fedavg", "fedprox", "fedmoe", "pfl_moe", "fedalign_moe", "fcmoe", "local", "centralized",
+                 "flwr_fedavg", "flwr_fedprox", "flwr_fedadam"]
 ABLATIONS = ["fcmoe", "fcmoe_no_projection", "fcmoe_no_retention", "fcmoe_no_importance"]
 CONVERGENCE_TOLERANCE = 0.01
 
