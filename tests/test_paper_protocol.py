@@ -67,3 +67,10 @@ def test_attack_cell_rejects_the_attacker_with_defences_on_and_is_reported(tmp_p
     paper_protocol.main(["--report", "--results", str(results), "--report-dir", str(tmp_path / "report")])
     report = (tmp_path / "report" / "paper_protocol.md").read_text()
     assert "| fedavg | 1 | 0 | sign_flip_x100 | on |" in report and "| 1 of 1 |" in report
+
+
+def test_rounds_to_reach_is_the_first_round_at_the_target():
+    from paper_report import rounds_to_reach
+
+    assert rounds_to_reach([0.1, 0.3, 0.5, 0.4], 0.5) == 3
+    assert rounds_to_reach([0.1, 0.3], 0.5) is None
