@@ -144,6 +144,22 @@ def _write_report(results: Path, out_dir: Path) -> Path:
                   if any(v is not None for v in lows) else "-")
         lines.append(f"| {method} | {a:g} | {np.mean(conv):.1f} | {target} | {_mean_std(_final(recs, 'local_accuracy_mean'))} | "
                      f"{spread} | {share} |")
+    diagnosed = [(key, recs) for key, recs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+                 if any(r.get("cosine_quantiles") for rec in recs for r in rec["rounds"])]
+    if diagnosed:
+        lines += ["", "## Diagnostics of the projection (means over rounds and seeds)", "",
+                  "cos(Δ, consensus) over the (client, expert) pairs that used the expert; conflict share: per expert, the "
+                  "share of its contributing clients with cos < 0 (the updates the projection changes), averaged.", "",
+                  "| method | α | conflict share | cos p10 | cos p50 | cos p90 | experts used by no client | "
+                  "clients per expert |", "|---|---|---|---|---|---|---|---|"]
+        for (method, a), recs in diagnosed:
+            rounds = [r for rec in recs for r in rec["rounds"] if r.get("cosine_quantiles")]
+            quantile = {q: np.mean([r["cosine_quantiles"][q] for r in rounds]) for q in ("p10", "p50", "p90")}
+            lines.append(
+                f"| {method} | {a:g} | {np.mean([r['conflict_share'] for r in rounds]):.3f} | {quantile['p10']:.2f} | "
+                f"{quantile['p50']:.2f} | {quantile['p90']:.2f} | "
+                f"{np.mean([r['experts_unused'] / r['experts_total'] for r in rounds]):.1%} | "
+                f"{np.mean([r['clients_per_expert_mean'] for r in rounds]):.1f} |")
     attacked = [r for r in records if r.get("kind") == "attack_cell" and r["protocol"] == grid_protocol]
     if attacked:
         lines += ["", "## Attacks: one client of ten attacks every round (final global accuracy, %)", "",
