@@ -136,6 +136,17 @@ class ClientMemory:
                 self.state[f"fcmoe.{slot}-{kind}"] = tensors_to_arrays(load_file(str(path)) if path.is_file() else {})
 
 
+def local_training_arguments(config: FlowerRunConfig, output_dir: str) -> FederatedMoETrainingArguments:
+    """The clients' local training arguments of the run config (before a client's seed and the server's
+    [`~fcmoe_hf.federated.ClientConfig`]); the server reads them too (resume check, update bounds)."""
+    return FederatedMoETrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=config.batch_size, num_train_epochs=config.local_epochs,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
+        use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no", disable_tqdm=True,
+        **{"logging_steps": 10, "seed": config.seed, **config.training_overrides},
+    )
+
+
 class FlowerClient:
     """One node's client: its components, partition and local training arguments.
 
@@ -165,12 +176,7 @@ class FlowerClient:
     def training_args(self, server_round: int, client_config: ClientConfig) -> FederatedMoETrainingArguments:
         """The local training arguments of `server_round`: the run config's, the client's seed, the server's config."""
         cfg = self.config
-        args = FederatedMoETrainingArguments(
-            output_dir=tempfile.mkdtemp(prefix="fcmoe-flower-"), per_device_train_batch_size=cfg.batch_size,
-            num_train_epochs=cfg.local_epochs, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
-            use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no", disable_tqdm=True,
-            **{"logging_steps": 10, **cfg.training_overrides},
-        )
+        args = local_training_arguments(cfg, tempfile.mkdtemp(prefix="fcmoe-flower-"))
         # The in-process federation's seed of this client and round (FederatedSimulation.train_client).
         args = dataclasses.replace(
             args, client_id=self.client_id, federated_round=server_round, seed=cfg.seed + 1000 * server_round + self.partition_id

@@ -51,7 +51,10 @@ class FlowerRunConfig:
         client_output_dir (`str`): where each client writes its personalized adapter (`<dir>/<client_id>/adapter`)
             and keeps its state between runs (`<dir>/<client_id>/flower_state`); `<run_dir>/clients` by default.
         save_client_adapters (`bool`): clients write their personalized adapters after the last round.
-        resume (`bool`): continue from the last complete round in `run_dir`.
+        resume (`bool`): continue from the last complete round in `run_dir`. The run's configuration must match the
+            checkpoint's (as for the in-process run, [`~fcmoe_hf.simulation.resume.check_resume_config`]): a
+            difference is refused, naming every field, unless `resume_allow_config_change`.
+        resume_allow_config_change (`bool`): resume with a changed configuration (logged).
         transport_dtype (`str`): dtype of the clients' updates on the wire, `float32` or `bfloat16` (half the bytes).
         push_to_hub (`bool`), hub_model_id (`str`): the server pushes the global adapter to `hub_model_id`, every
             client its own personalized adapter to `<hub_model_id>-clients/<client_id>` (private).
@@ -98,6 +101,7 @@ class FlowerRunConfig:
     client_output_dir: str = ""
     save_client_adapters: bool = True
     resume: bool = False
+    resume_allow_config_change: bool = False
     transport_dtype: str = "float32"
     push_to_hub: bool = False
     hub_model_id: str = ""

@@ -7,6 +7,12 @@ the clients' local metrics, bytes on the wire, a checkpoint ([`~fcmoe_hf.simulat
 global state, aggregator state, bookkeeping) after every round, `metrics.jsonl`, and at the end the global adapter,
 plots and `outputs.json` ([`~fcmoe_hf.simulation.outputs.write_outputs`]). The clients write their own personalized
 adapters: the server never holds them.
+
+As the in-process run, it locks its run directory ([`~fcmoe_hf.simulation.lock.RunLock`]: a second server there is
+refused, naming the holder), refuses to resume with another configuration
+([`~fcmoe_hf.simulation.resume.check_resume_config`]), and bounds every merge by what it knows of the clients: the
+partition sizes (it builds the same partition as the clients) and the activations a sample can produce
+([`FCMoEStrategy.expect_clients`]).
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ from ..federated import ClientConfig
 from ..federated.validation import global_expert_sizes
 from ..reporting import RoundLogger, read_jsonl, truncate_jsonl
 from ..simulation.checkpoints import CheckpointStore
+from ..simulation.lock import RunLock
 from ..simulation.outputs import checkpoint_files, write_outputs
+from ..simulation.resume import check_resume_config, run_config
 from ..simulation.round_metrics import cosine_quantiles, expert_usage
 from ..trainer import get_federated_state, set_federated_state
+from .client import local_training_arguments, make_client_app
 from .components import ComponentsBuilder, FederationComponents, resolve_builder
 from .config import FlowerRunConfig
 from .records import arrays_to_state, record_nbytes, state_to_arrays
@@ -94,16 +103,39 @@ class FlowerServer:
         self.client_ids = [f"client_{i}" for i in range(self.splits.num_clients)]
         self.history: list[dict[str, Any]] = []
         # What the outputs writers read of the federation's arguments; the clients write their own adapters.
+        # (and what the resume check compares: `FederationArguments`' names for the Flower run config's fields).
         self.args = SimpleNamespace(
             aggregator=config.aggregator, base_model_id=config.optional("base_model_id"), dataset_id=config.optional("dataset_id"),
-            num_rounds=config.num_server_rounds, save_client_adapters=False,
+            num_rounds=config.num_server_rounds, save_client_adapters=False, fraction_fit=config.fraction_train,
+            min_fit_clients=config.min_train_clients, task=config.task, max_length=config.max_length,
+            resume_allow_config_change=config.resume_allow_config_change,
         )
-        self.training_args = SimpleNamespace(num_train_epochs=config.local_epochs, learning_rate=config.learning_rate)
+        self.training_args = local_training_arguments(config, str(self.run_dir))
         if isinstance(self.strategy, FCMoEStrategy):
             self.aggregator = self.strategy.aggregator
+            self.strategy.expect_clients(self.partition_sizes(), **self.activation_bound())
         else:
             scalars = {k: v for k, v in vars(self.strategy).items() if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
             self.aggregator = SimpleNamespace(config=_StrategyConfig(scalars))
+
+    # -- what the server knows of the clients ---------------------------------------------------------------------------
+
+    def partition_sizes(self) -> dict[str, int]:
+        """Every client id and its training partition's size, as its [`~fcmoe_hf.flower.client.FlowerClient`] caps it."""
+        cap = self.config.optional("max_train_samples_per_client")
+        sizes = {cid: self.splits.clients[i]["train"].num_rows for i, cid in enumerate(self.client_ids)}
+        return {cid: min(size, cap) if cap else size for cid, size in sizes.items()}
+
+    def activation_bound(self) -> dict[str, Any]:
+        """`max_length`, local passes over the data and `top_k`, for [`FCMoEStrategy.expect_clients`]."""
+        t = self.training_args
+        passes = t.num_train_epochs
+        if t.max_steps and t.max_steps > 0:
+            seen = t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps
+            passes = max(seen / max(size, 1) for size in self.partition_sizes().values())
+        peft_config = getattr(self.model, "peft_config", {}).get(getattr(self.model, "active_adapter", None))
+        top_k = max(getattr(peft_config, "top_k", 1) or 1, getattr(self.model.config, "num_experts_per_tok", 1) or 1)
+        return {"max_length": self.config.max_length, "passes": passes, "top_k": top_k}
 
     # -- what the outputs writers call ----------------------------------------------------------------------------------
 
@@ -146,7 +178,8 @@ class FlowerServer:
                 "update_scales": getattr(strategy, "update_scales", {}),
                 "aggregator": self.config.aggregator,
                 "aggregator_config": self.aggregator.config.to_dict(),
-                "run_config": self.config.to_run_config(),
+                "run_config": run_config(self),
+                "flower_run_config": self.config.to_run_config(),
             },
             files=checkpoint_files(self),
         )
@@ -157,8 +190,7 @@ class FlowerServer:
         if loaded is None:
             return 0, None
         state, global_state, server_state = loaded
-        if state["aggregator"] != self.config.aggregator:
-            raise ValueError(f"Cannot resume {self.run_dir}: it was run with aggregator {state['aggregator']!r}, not {self.config.aggregator!r}.")
+        check_resume_config(self, state, str(self.checkpoints.root / f"round_{int(state['round']):04d}"))
         self._load_server_state(server_state)
         if isinstance(self.strategy, FCMoEStrategy):
             self.strategy.last_update_round = {k: int(v) for k, v in state["last_update_round"].items()}
@@ -180,7 +212,17 @@ class FlowerServer:
         return {f"global_{k}": v for k, v in scores.items()}
 
     def run(self, grid: Grid) -> list[dict[str, Any]]:
-        """Run (or, with `resume`, continue) the federation over `grid`; returns the per-round metrics."""
+        """Run (or, with `resume`, continue) the federation over `grid`; returns the per-round metrics.
+
+        Raises:
+            [`~fcmoe_hf.simulation.lock.RunDirectoryLocked`]: another run holds `run_dir` (the error names it).
+            `ValueError`: `resume` with a configuration that differs from the checkpoint's (naming every field).
+            [`RoundFailedError`]: a round had too few valid updates (the rounds before it are checkpointed).
+        """
+        with RunLock(self.run_dir):
+            return self._run(grid)
+
+    def _run(self, grid: Grid) -> list[dict[str, Any]]:
         from ..hub.push import HubPublisher
 
         cfg = self.config
@@ -260,7 +302,8 @@ class FlowerServer:
             failed = {f["node_id"] for f in failures}
             evaluation = [m for m in strategy.configure_evaluate(round_index, state_to_arrays(new_state), ConfigRecord(), grid)
                           if m.metadata.dst_node_id not in failed]
-            metrics.update(local_metrics(grid.send_and_receive(evaluation, timeout=cfg.round_timeout)))
+            replies = grid.send_and_receive(evaluation, timeout=cfg.round_timeout)
+            metrics.update(local_metrics(replies, getattr(strategy, "node_clients", None)))
         metrics["round_wall_seconds"] = time.perf_counter() - started
         return new_state, metrics, conflicts
 
@@ -313,7 +356,7 @@ def run_flower_simulation(
     if ray_init_args:
         backend_config["init_args"] = dict(ray_init_args)
     run_simulation(
-        server_app=make_server_app(config, components), client_app=_client_app(config, components),
+        server_app=make_server_app(config, components), client_app=make_client_app(config, components),
         num_supernodes=config.num_clients, backend_config=backend_config,
     )
     path = Path(config.run_dir) / "metrics.jsonl"
@@ -321,12 +364,6 @@ def run_flower_simulation(
     if [h["round"] for h in history][-1:] != [config.num_server_rounds]:
         raise RuntimeError(f"The Flower simulation in {config.run_dir} stopped after round {len(history)} of {config.num_server_rounds}: see its log.")
     return history
-
-
-def _client_app(config, components):
-    from .client import make_client_app
-
-    return make_client_app(config, components)
 
 
 __all__ = ["FlowerServer", "build_strategy", "make_server_app", "run_flower_simulation"]

@@ -6,12 +6,21 @@ FC-MoE's retention) and merges the replies with the aggregator (validation and r
 Flower's array mean. What the server knows of each client's past (the round of its last merged update and the scale
 the server applied to it) travels in every message, so a client re-anchors its retained residual exactly as the
 in-process [`~fcmoe_hf.simulation.FederatedSimulation`] does.
+
+Identity: a reply is bound to the Flower node it came from (the SuperLink's node id, authenticated when the
+federation runs with Flower's node authentication). A client's id is assigned where its node is provisioned (the
+SuperNode's `--node-config "partition-id=<i>"`, or the simulation's partition mapping) and reaches the server with
+the node's first reply; the server pins that node to that id for the rest of its run ([`FCMoEStrategy.node_clients`]).
+A reply claiming an id pinned to another node, or a pinned node claiming another id, is rejected as spoofed; an id
+outside the server's partition is rejected as unassigned. A pin is released when its node leaves the federation, so
+a restarted SuperNode can take its id back. The merge is also bounded by what the server knows of each client
+([`~fcmoe_hf.federated.UpdateBounds`]: partition sizes, activations per sample), see [`FCMoEStrategy.expect_clients`].
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -20,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from ..federated import AggregationResult, Aggregator, ClientUpdate, build_aggregator
+from ..federated import AggregationResult, Aggregator, ClientUpdate, UpdateBounds, build_aggregator
 from .config import TRANSPORT_DTYPES
 from .records import NUM_EXAMPLES, arrays_to_state, content_to_update, state_to_arrays
 
@@ -90,6 +99,54 @@ class FCMoEStrategy(FedAvg):
         self.failures: list[dict[str, Any]] = []
         self._current_state: Optional[dict[str, torch.Tensor]] = None
         self._sent_nodes: list[int] = []
+        #: Flower node id -> the client id it is pinned to (from its first reply; see the module docstring).
+        self.node_clients: dict[int, str] = {}
+        self._expected: Optional[dict[str, Optional[int]]] = None
+        self._bounds_args: dict[str, Any] = {}
+
+    def expect_clients(
+        self,
+        partition_sizes: Optional[Mapping[str, Optional[int]]] = None,
+        *,
+        max_length: Optional[int] = None,
+        passes: float = 1.0,
+        top_k: Optional[int] = None,
+    ) -> None:
+        """What the server knows of the clients, enforced on every merge ([`~fcmoe_hf.federated.UpdateBounds`]).
+
+        Args:
+            partition_sizes (`Mapping[str, Optional[int]]`, *optional*): every valid client id and its training
+                partition's size (`None`: unknown). An id outside it is never pinned, and its updates are rejected.
+                Without it any id may be pinned and sample counts are only statically checked.
+            max_length (`int`, *optional*), passes (`float`), top_k (`int`, *optional*): tokens per sample, local
+                passes over the data and experts per token, bounding the activation counts (unbounded without
+                `max_length`).
+        """
+        self._expected = None if partition_sizes is None else dict(partition_sizes)
+        self._bounds_args = {"max_length": max_length, "passes": passes, "top_k": top_k}
+
+    def update_bounds(self, client_ids: Sequence[str]) -> UpdateBounds:
+        """The round's [`~fcmoe_hf.federated.UpdateBounds`]: `client_ids` (the ids pinned to the replying nodes), their
+        partition sizes when known, and the activation bound."""
+        sizes = {cid: (self._expected or {}).get(cid) for cid in client_ids}
+        return UpdateBounds.for_round(sizes, **self._bounds_args)
+
+    def bind_updates(self, received: Sequence[tuple[int, ClientUpdate]]) -> dict[str, ClientUpdate]:
+        """`{sender: update}` for [`~fcmoe_hf.federated.Aggregator.aggregate`]: each update keyed by the client id its
+        node is pinned to, a node's first valid claim pinning it. An update claiming an id it does not hold is keyed by
+        its sender (its pinned id, or `"node <id>"`) and so rejected as spoofed by the aggregator."""
+        pinned = {cid: node for node, cid in self.node_clients.items()}
+        out: dict[str, ClientUpdate] = {}
+        for node_id, update in received:
+            claimed = update.client_id
+            known = self._expected is None or claimed in self._expected
+            if node_id not in self.node_clients and isinstance(claimed, str) and claimed not in pinned and known:
+                self.node_clients[node_id], pinned[claimed] = claimed, node_id
+            sender = self.node_clients.get(node_id, claimed if not known and claimed not in pinned else f"node {node_id}")
+            if sender in out:  # never two updates under one key: the later one is spoofed
+                sender = f"node {node_id}"
+            out[str(sender)] = update
+        return out
 
     def summary(self) -> None:
         logger.info(f"FCMoEStrategy: {self.aggregator!r}, updates in {self.transport_dtype}")
@@ -118,6 +175,9 @@ class FCMoEStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Flower's sampling and messages, with the aggregator's client config and the merge bookkeeping."""
         self._current_state = arrays_to_state(arrays)
+        online = set(grid.get_node_ids())
+        for node_id in [n for n in self.node_clients if n not in online]:  # it left: its id may be taken again
+            logger.info(f"Node {node_id} left the federation: {self.node_clients.pop(node_id)} may be claimed again.")
         extra = {
             **self.aggregator.configure_client(server_round).to_dict(), REPLY_KEY: "update",
             TRANSPORT_KEY: self.transport_dtype, **self.bookkeeping(),
@@ -143,10 +203,10 @@ class FCMoEStrategy(FedAvg):
         replies = list(replies)
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         failures = reply_failures(self._sent_nodes, replies)
-        updates = []
+        received = []
         for message in valid:
             try:
-                updates.append(content_to_update(message.content))
+                received.append((message.metadata.src_node_id, content_to_update(message.content)))
             except (KeyError, ValueError) as err:
                 failures.append({"node_id": message.metadata.src_node_id, "reason": f"malformed reply: {err}"})
         for failure in failures:
@@ -154,12 +214,14 @@ class FCMoEStrategy(FedAvg):
         self.failures = failures
         if self._current_state is None:
             raise RuntimeError("aggregate_train() before configure_train(): the global state of the round is unknown.")
+        bound = self.bind_updates(received)  # each update under its node's pinned client id
+        updates = list(bound.values())
         try:
-            result = self.aggregator.aggregate(self._current_state, updates)
+            result = self.aggregator.aggregate(self._current_state, bound, self.update_bounds(sorted(set(self.node_clients.values()) & set(bound))))
         except ValueError as err:
             failed = "; ".join(f"node {f['node_id']}: {f['reason']}" for f in failures) or "none"
             raise RoundFailedError(
-                f"Round {server_round} failed: {len(updates)} valid client update(s) arrived, {len(failures)} client(s) "
+                f"Round {server_round} failed: {len(updates)} client update(s) arrived, {len(failures)} client(s) "
                 f"failed ({failed}), and the aggregator needs min_clients={self.aggregator.config.min_clients}: {err}"
             ) from err
         for client_id in result.client_ids:
@@ -171,7 +233,7 @@ class FCMoEStrategy(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         """Every client's local metrics (`<client_id>/local_<metric>`) and their mean, min and max over clients."""
-        metrics = local_metrics(replies)
+        metrics = local_metrics(replies, self.node_clients)
         return MetricRecord(metrics) if metrics else None
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
@@ -192,16 +254,18 @@ def reply_failures(sent_nodes: Iterable[int], replies: Iterable[Message]) -> lis
     return failures + [{"node_id": n, "reason": "no reply within the round timeout"} for n in sent_nodes if n not in replied]
 
 
-def local_metrics(replies: Iterable[Message]) -> dict[str, float]:
+def local_metrics(replies: Iterable[Message], node_clients: Optional[Mapping[int, str]] = None) -> dict[str, float]:
     """The clients' evaluation replies as the in-process run logs them: `<client_id>/local_<metric>` per client and
-    `local_<metric>_mean` / `_min` / `_max` over the clients that replied (failed replies are logged and skipped)."""
+    `local_<metric>_mean` / `_min` / `_max` over the clients that replied (failed replies are logged and skipped). A
+    node pinned to a client id (`node_clients`) is reported under that id, whatever its reply claims."""
     per_metric: dict[str, list[float]] = {}
     out: dict[str, float] = {}
     for message in replies:
         if message.has_error():
             logger.warning(f"Evaluation on node {message.metadata.src_node_id} failed: {message.error.reason}")
             continue
-        client_id = str(message.content.config_records["client"][CLIENT_ID_KEY])
+        client_id = (node_clients or {}).get(message.metadata.src_node_id)
+        client_id = client_id or str(message.content.config_records["client"][CLIENT_ID_KEY])
         for key, value in message.content.metric_records["metrics"].items():
             if key == NUM_EXAMPLES:
                 continue
