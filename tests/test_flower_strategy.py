@@ -43,6 +43,9 @@ class FakeGrid:
     def get_node_ids(self):
         return list(self.node_ids)
 
+    def send_and_receive(self, messages, timeout=None):  # every node fails
+        return [Message(Error(code=0, reason="node died"), reply_to=m) for m in messages]
+
 
 def update(client_id, num_samples=8, value=0.1, activations=16):
     deltas = {k: torch.full_like(v, value) for k, v in STATE.items()}
@@ -111,9 +114,9 @@ def test_server_known_bounds_reject_unassigned_ids_and_inflated_counts():
 def test_a_round_with_fewer_valid_updates_than_min_clients_fails_clearly():
     s, grid = strategy(min_clients=2), FakeGrid([1, 2, 3])
     run_round(s, grid, 1, {1: update("client_0"), 2: update("client_1"), 3: update("client_2")})
-    messages = list(s.configure_train(2, state_to_arrays(STATE), ConfigRecord(), grid))
-    replies = [Message(content=update_to_content(update("client_0")), reply_to=messages[0]),
-               Message(Error(code=0, reason="ClientApp raised"), reply_to=messages[1])]  # node 3: no reply
+    messages = {m.metadata.dst_node_id: m for m in s.configure_train(2, state_to_arrays(STATE), ConfigRecord(), grid)}
+    replies = [Message(content=update_to_content(update("client_0")), reply_to=messages[1]),
+               Message(Error(code=0, reason="ClientApp raised"), reply_to=messages[2])]  # node 3: no reply
     with pytest.raises(RoundFailedError) as raised:
         s.aggregate_train(2, replies)
     message = str(raised.value)
@@ -122,12 +125,12 @@ def test_a_round_with_fewer_valid_updates_than_min_clients_fails_clearly():
     assert s.last_update_round == {"client_0": 1, "client_1": 1, "client_2": 1}  # nothing of round 2 recorded
 
 
-def test_server_refuses_a_locked_run_dir_and_a_changed_config_on_resume(tmp_path):
+def test_server_refuses_a_locked_run_dir_and_a_changed_config_on_resume_and_stops_on_a_failed_round(tmp_path):
     config = tiny_config(tmp_path / "run", "fcmoe", num_server_rounds=2)
     server = FlowerServer(config, tiny_components(config))
     # What the server knows of its clients: the partition it builds as they do, and the activation bound.
     sizes = server.partition_sizes()
-    assert set(sizes) == {"client_0", "client_1", "client_2"} and all(n > 0 for n in sizes.values())
+    assert set(sizes) == {"client_0", "client_1"} and all(n > 0 for n in sizes.values())
     assert server.strategy.update_bounds(["client_0"]).clients["client_0"].max_num_samples == sizes["client_0"]
 
     with RunLock(server.run_dir):  # another run holds the directory
@@ -142,3 +145,10 @@ def test_server_refuses_a_locked_run_dir_and_a_changed_config_on_resume(tmp_path
     allowed = tiny_config(tmp_path / "run", "fcmoe", num_server_rounds=2, resume=True, learning_rate=1e-3,
                           resume_allow_config_change=True)
     assert FlowerServer(allowed, tiny_components(allowed)).resume()[0] == 1
+
+    # A round that fails (every node here) stops the run clearly; the rounds before it stay checkpointed.
+    resumed = tiny_config(tmp_path / "run", "fcmoe", num_server_rounds=2, resume=True)
+    with pytest.raises(RoundFailedError, match=r"Round 2 failed: 0 client update\(s\) arrived, 2 client\(s\) failed") as raised:
+        FlowerServer(resumed, tiny_components(resumed)).run(FakeGrid([1, 2]))
+    assert "node 1: node died" in str(raised.value) and "min_clients=1" in str(raised.value)
+    assert (tmp_path / "run" / "latest_checkpoint").read_text() == "round_0001"
