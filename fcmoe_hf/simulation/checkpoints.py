@@ -18,6 +18,9 @@ Integrity:
   then used, with a warning naming the files and what is wrong with them, and a [`CheckpointError`] naming every
   file is raised when no checkpoint passes.
 - Only JSON and safetensors are read; any other file in a checkpoint directory (a planted `rng_state.pt`) is ignored.
+- The client ids `state.json` records (`last_update_round`, `update_scales`) must be plain names
+  ([`check_client_id`]): they become paths (`rounds/round_NNNN/updates/<client_id>`, an export's
+  `clients/<client_id>/`), so an id such as `../../x` fails the checkpoint's check instead of reaching outside.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -52,10 +56,49 @@ REQUIRED_FILES = (GLOBAL_STATE_FILE, AGGREGATOR_STATE_FILE, RNG_JSON_FILE, RNG_T
 #: Version of the checkpoint layout written into `state.json` (`1`: no checksums; `2`: checksums).
 FORMAT_VERSION = 2
 _NAME = re.compile(r"^round_\d{4,}$")
+#: A client id that is safe as one path component: no separator, no `.`/`..`, no leading dot or dash.
+CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: the message names the file(s) and what is wrong with them."""
+
+
+def check_client_id(client_id: Any, source: str) -> str:
+    """Return `client_id` if it is a plain name usable as one path component ([`CLIENT_ID_PATTERN`]).
+
+    Args:
+        client_id (`Any`): the id read from a file.
+        source (`str`): where it was read (a file and field), named in the error.
+
+    Raises:
+        [`CheckpointError`]: naming `source` and the id, when it is not a string matching `CLIENT_ID_PATTERN`.
+    """
+    if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
+        raise CheckpointError(
+            f"{source}: invalid client id {client_id!r} (expected a plain name matching {CLIENT_ID_PATTERN.pattern})."
+        )
+    return client_id
+
+
+def _client_problems(state: Mapping[str, Any], state_path: Path) -> list[str]:
+    # The clients' bookkeeping of state.json: plain ids, round numbers >= 1 and finite update scales.
+    problems = []
+    for field_name, valid in (("last_update_round", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                              ("update_scales", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                               and math.isfinite(v))):
+        entries = state.get(field_name, {})
+        if not isinstance(entries, dict):
+            problems.append(f"{state_path}: {field_name} is not a JSON object")
+            continue
+        for client_id, value in entries.items():
+            try:
+                check_client_id(client_id, f"{state_path}: {field_name}")
+            except CheckpointError as err:
+                problems.append(str(err).rstrip("."))
+            if not valid(value):
+                problems.append(f"{state_path}: {field_name}[{client_id!r}] = {value!r} is not valid")
+    return problems
 
 
 def checkpoint_name(round_index: int) -> str:
@@ -276,7 +319,7 @@ class CheckpointStore:
             raise CheckpointError(f"{state_path}: cannot be read as JSON ({type(err).__name__}: {err}).") from err
         if not isinstance(state, dict):
             raise CheckpointError(f"{state_path}: expected a JSON object, got {type(state).__name__}.")
-        problems = []
+        problems = _client_problems(state, state_path)
         if state.get("round") != _round_of(directory.name):
             problems.append(f"{state_path}: records round {state.get('round')!r}, not that of {directory.name}")
         digests = state.get("files")

@@ -23,7 +23,7 @@ from ..federated import ClientUpdate, build_aggregator, retained_start
 from ..hub.cards import render_card
 from ..hub.push import OUTPUTS_FILE
 from ..reporting import DIAGNOSTICS_FILE, METRICS_FILE, read_jsonl
-from .checkpoints import CheckpointStore
+from .checkpoints import CheckpointError, CheckpointStore, check_client_id
 from .outputs import CHECKPOINT_ADAPTER_CONFIG, CHECKPOINT_RECORD, NOT_EVALUATED, write_plots
 
 
@@ -49,6 +49,7 @@ def personalized_checkpoint_state(
             last update rounds and update scales).
         client_id (`str`): the client.
     """
+    check_client_id(client_id, f"{run_dir}: client to personalize")
     aggregator = build_aggregator(state["aggregator"], state.get("aggregator_config"))
     config = aggregator.configure_client(int(state["round"]) + 1)
     last_round = state.get("last_update_round", {}).get(client_id)
@@ -128,7 +129,8 @@ def export_checkpoint(
         `FileNotFoundError`: if `run_dir` has no checkpoint, or one written before checkpoints kept the adapter's
             config.
         [`~fcmoe_hf.simulation.checkpoints.CheckpointError`]: the latest checkpoint fails its check (a file missing,
-            truncated, altered or holding non-finite values; the message names it).
+            truncated, altered or holding non-finite values, or a client id that is not a plain name; the message
+            names the file and the id). Nothing is written then.
     """
     run_dir, output_dir = Path(run_dir), Path(output_dir)
     store = CheckpointStore(run_dir)
@@ -153,6 +155,12 @@ def export_checkpoint(
     record_path = directory / CHECKPOINT_RECORD
     record = (json.loads(record_path.read_text()) if record_path.is_file()
               else _fallback_record(state, json.loads(config)))
+    # Client ids become paths (clients/<client_id>/): each is checked before anything is written.
+    source = record_path if record_path.is_file() else directory / "state.json"
+    if not isinstance(record.get("clients"), list):
+        raise CheckpointError(f"{source}: 'clients' is not a list of client ids.")
+    for client_id in record["clients"]:
+        check_client_id(client_id, f"{source}: clients")
     if not clients:
         record["clients"], record["cards"]["clients"] = [], {}
         record["cards"]["global"]["clients_repo_id"] = None

@@ -50,7 +50,7 @@ from ..reporting import RoundLogger, truncate_jsonl
 from ..tasks import Task, build_task
 from ..trainer import FederatedMoETrainer, FederatedMoETrainingArguments, get_federated_state, set_federated_state
 from .arguments import FederationArguments
-from .checkpoints import CheckpointStore
+from .checkpoints import CheckpointStore, check_client_id
 from .lock import acquire_run_lock
 from .outputs import write_outputs
 from .progress import ClientProgress
@@ -121,7 +121,8 @@ class FederatedSimulation:
         return self.run_dir / "rounds" / f"round_{round_index:04d}"
 
     def _update_dir(self, round_index: int, client_id: str) -> Path:
-        return self._round_dir(round_index) / "updates" / client_id
+        # Ids come from state.json on resume: a path component only when plain (no `..`, no separator).
+        return self._round_dir(round_index) / "updates" / check_client_id(client_id, f"{self.run_dir}: update directory")
 
     def _last_update(self, client_id: str) -> Optional[ClientUpdate]:
         round_index = self.last_update_round.get(client_id)
