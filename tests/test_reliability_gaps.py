@@ -52,3 +52,46 @@ def test_client_ids_are_plain_names():
     for bad in ("..", ".", "", "a/b", "/abs", ".hidden", "-x", "a\\b", "x" * 129, 3, None):
         with pytest.raises(CheckpointError, match="f: invalid client id"):
             check_client_id(bad, "f")
+
+
+# -- C: a misspelled aggregator_config field is named, with the field it is closest to, before anything loads ---------
+
+
+def test_a_misspelled_aggregator_config_field_is_named_with_its_close_match(tmp_path, monkeypatch):
+    from fcmoe_hf.federated import build_aggregator
+    from fcmoe_hf.simulation import FederationArguments
+
+    expected = r"aggregator_config: unknown field 'norm_bound_facter' for fcmoe \(did you mean 'norm_bound_factor'\?\)"
+    with pytest.raises(ValueError, match=expected):
+        build_aggregator("fcmoe", {"norm_bound_facter": 5})
+    with pytest.raises(ValueError, match=r"unknown field 'retention_lamda' for fcmoe \(did you mean 'retention_lambda'"):
+        build_aggregator("fcmoe", retention_lamda=0.9)
+    with pytest.raises(ValueError, match=r"unknown field 'zzz' for fedavg \(its fields: min_clients, "):
+        build_aggregator("fedavg", {"zzz": 1})
+    with pytest.raises(ValueError, match=expected):  # when the arguments are parsed, not when the federation starts
+        FederationArguments(aggregator_config='{"norm_bound_facter": 5}')
+    with pytest.raises(ValueError, match="aggregator_config must be a mapping"):
+        FederationArguments(aggregator_config="[5]")
+    assert FederationArguments(aggregator="fedavg", aggregator_config={"norm_bound_factor": 5}).aggregator_config
+
+    # The recipe fails on it before reading data or loading a model.
+    recipe = _recipe()
+    monkeypatch.setattr(recipe, "load_bundled_fortunes", lambda: pytest.fail("data loaded before the config check"))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\naggregator_config:\n  norm_bound_facter: 5\n")
+    with pytest.raises(ValueError, match=expected):
+        recipe.main(["--config", str(config)])
+    assert not (tmp_path / "out").exists()
+
+
+def _recipe():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "fcmoe_sft.py"
+    spec = importlib.util.spec_from_file_location("fcmoe_sft_reliability_gaps", path)
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # its dataclasses look their module up
+    spec.loader.exec_module(recipe)
+    return recipe

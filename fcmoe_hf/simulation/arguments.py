@@ -79,10 +79,17 @@ class FederationArguments:
             raise ValueError(f"fraction_fit must be in (0, 1], got {self.fraction_fit}.")
         if self.min_fit_clients < 1:
             raise ValueError(f"min_fit_clients must be >= 1, got {self.min_fit_clients}.")
-        from ..federated import available_aggregators
+        from ..federated import available_aggregators, build_aggregator
 
         if self.aggregator not in available_aggregators():
             raise ValueError(f"aggregator must be one of {available_aggregators()}, got {self.aggregator!r}.")
+        if self.aggregator_config is not None and not isinstance(self.aggregator_config, dict):
+            raise ValueError(
+                f"aggregator_config must be a mapping of field names to values (YAML) or a JSON object, got "
+                f"{type(self.aggregator_config).__name__} {self.aggregator_config!r}."
+            )
+        # Built once here so that an unknown or invalid field fails before any data or model is loaded.
+        build_aggregator(self.aggregator, self.aggregator_config)
         if self.task not in available_tasks():
             raise ValueError(f"task must be one of {available_tasks()}, got {self.task!r}.")
         if self.eval_every < 1:

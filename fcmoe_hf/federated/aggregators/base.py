@@ -16,9 +16,10 @@ rest. Inputs are never modified. Invalid updates are rejected with a logged reas
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Optional, Union
 
 import torch
@@ -115,6 +116,23 @@ class AggregatorConfig:
 
 
 
+def check_config_fields(config_class: type[AggregatorConfig], names: Iterable[Any], aggregator: str) -> None:
+    """Raise a `ValueError` naming the first of `names` that is not a field of `config_class`, with the closest field.
+
+    Args:
+        config_class (`type[AggregatorConfig]`): the aggregator's config dataclass.
+        names (`Iterable[Any]`): the keys given (an `aggregator_config` mapping's, keyword overrides).
+        aggregator (`str`): the aggregator's registered name, for the message.
+    """
+    known = [f.name for f in fields(config_class)]
+    for name in names:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else f"its fields: {', '.join(known)}"
+        raise ValueError(f"aggregator_config: unknown field {name!r} for {aggregator} ({hint})")
+
+
 class Aggregator:
     """Base class: validation, the rejection loop, and server state; subclasses implement `_aggregate`.
 
@@ -127,6 +145,7 @@ class Aggregator:
     config_class: ClassVar[type[AggregatorConfig]] = AggregatorConfig
 
     def __init__(self, config: Union[AggregatorConfig, Mapping[str, Any], None] = None, **kwargs: Any):
+        check_config_fields(self.config_class, [*(config if isinstance(config, Mapping) else ()), *kwargs], self.name)
         if config is None:
             config = self.config_class(**kwargs)
         elif isinstance(config, Mapping):
