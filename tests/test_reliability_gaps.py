@@ -95,3 +95,48 @@ def _recipe():
     sys.modules[spec.name] = recipe  # its dataclasses look their module up
     spec.loader.exec_module(recipe)
     return recipe
+
+
+# -- E: aggregator config fields are type-checked; YAML and the command line give real bools -------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "message"),
+    [
+        ("fedavg", {"enforce_bounds": "no"}, "enforce_bounds must be a bool (true or false), got str 'no'"),
+        ("fcmoe", {"use_projection": 1}, "use_projection must be a bool (true or false), got int 1"),
+        ("fcmoe", {"retention_lambda": "0.5"}, "retention_lambda must be a number, got str '0.5'"),
+        ("fcmoe", {"retention_lambda": True}, "retention_lambda must be a number, got bool True"),
+        ("fedavg", {"max_update_norm": False}, "max_update_norm must be a number, got bool False"),
+        ("fedavg", {"min_clients": 2.0}, "min_clients must be an integer, got float 2.0"),
+        ("fcmoe", {"robust": 3}, "robust must be a string, got int 3"),
+    ],
+)
+def test_aggregator_config_fields_are_type_checked(name, config, message):
+    from fcmoe_hf.federated import build_aggregator
+
+    with pytest.raises(ValueError, match=r"aggregator_config: " + message.replace("(", r"\(").replace(")", r"\)")):
+        build_aggregator(name, config)
+
+
+def test_yaml_and_command_line_give_real_bools(tmp_path):
+    from transformers import HfArgumentParser
+
+    from fcmoe_hf.config_parsing import parse_yaml_and_args
+    from fcmoe_hf.federated import aggregator_config_class, build_aggregator
+    from fcmoe_hf.simulation import FederationArguments
+
+    config = tmp_path / "config.yaml"
+    config.write_text("aggregator: fedavg\naggregator_config:\n  enforce_bounds: false\n  norm_bound_factor: 5\n")
+    (federation,) = parse_yaml_and_args(HfArgumentParser(FederationArguments), ["--config", str(config)])
+    assert federation.aggregator_config == {"enforce_bounds": False, "norm_bound_factor": 5}
+    (federation,) = parse_yaml_and_args(
+        HfArgumentParser(FederationArguments), ["--aggregator", "fedavg", "--aggregator_config", '{"enforce_bounds": false}']
+    )
+    assert build_aggregator("fedavg", federation.aggregator_config).config.enforce_bounds is False
+    with pytest.raises(ValueError, match="enforce_bounds must be a bool"):  # a JSON string "false" is not a bool
+        FederationArguments(aggregator="fedavg", aggregator_config='{"enforce_bounds": "false"}')
+    (parsed,) = HfArgumentParser(aggregator_config_class("fedavg")).parse_args_into_dataclasses(
+        ["--enforce_bounds", "false", "--norm_bound_factor", "5"]
+    )
+    assert parsed.enforce_bounds is False and parsed.norm_bound_factor == 5.0

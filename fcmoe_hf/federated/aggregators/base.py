@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Optional, Union
@@ -97,6 +98,7 @@ class AggregatorConfig:
     )
 
     def __post_init__(self):
+        self._check_types()
         if self.norm_bound_action not in ("reject", "clip"):
             raise ValueError(f"norm_bound_action must be 'reject' or 'clip', got {self.norm_bound_action!r}.")
         factor = self.norm_bound_factor
@@ -108,6 +110,26 @@ class AggregatorConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive finite number or None, got {value!r}.")
+
+    def _check_types(self) -> None:
+        # Every field against its annotation: a bool field takes only True/False (not "no", not 0), a number field
+        # a real int/float (an int field an int), never a bool; `Optional[...]` fields also take None.
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            hint, value = hints[f.name], getattr(self, f.name)
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if value is None and len(args) < len(typing.get_args(hint)):
+                continue
+            kind = args[0] if typing.get_origin(hint) is Union and len(args) == 1 else hint
+            expected = {bool: "a bool (true or false)", int: "an integer", float: "a number", str: "a string"}.get(kind)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = {bool: isinstance(value, bool), int: is_number and isinstance(value, int), float: is_number,
+                  str: isinstance(value, str)}.get(kind, True)
+            if not ok:
+                raise ValueError(
+                    f"aggregator_config: {f.name} must be {expected}, got {type(value).__name__} {value!r} "
+                    f"({type(self).__name__})."
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain dict (for checkpoints and model cards)."""
