@@ -140,3 +140,48 @@ def test_yaml_and_command_line_give_real_bools(tmp_path):
         ["--enforce_bounds", "false", "--norm_bound_factor", "5"]
     )
     assert parsed.enforce_bounds is False and parsed.norm_bound_factor == 5.0
+
+
+# -- D: a deleted `latest_checkpoint` is recovered from the complete checkpoints ---------------------------------------
+
+
+@pytest.mark.parametrize("pointer", [None, "", "round_00002"])  # deleted, emptied, naming no directory
+def test_a_missing_latest_checkpoint_is_recovered_from_the_complete_checkpoints(tmp_path, caplog, pointer):
+    store = CheckpointStore(tmp_path / "run")
+    for r in (1, 2):
+        _save(store, r)
+    latest = store.run_dir / "latest_checkpoint"
+    latest.unlink() if pointer is None else latest.write_text(pointer)
+    assert store.exists()
+    assert store.latest_round() == 2
+    with caplog.at_level("WARNING"):
+        state, global_state, _ = store.load(repair=True)
+    assert state["round"] == 2 and torch.equal(global_state["w"], torch.full((2,), 2.0))
+    assert "latest_checkpoint is" in caplog.text or "which does not exist" in caplog.text
+    assert latest.read_text() == "round_0002"  # repaired
+    # The newest complete checkpoint that passes its check: a damaged round 2 gives round 1.
+    latest.unlink()
+    (store.root / "round_0002" / "global_state.safetensors").write_bytes(b"damaged")
+    assert store.load()[0]["round"] == 1 and store.skipped[0][0].name == "round_0002"
+    assert store.latest_round() == 1
+    assert export_checkpoint(store.run_dir, tmp_path / "export", clients=False)["round"] == 1
+    (store.root / "round_0001" / "global_state.safetensors").write_bytes(b"damaged")
+    with pytest.raises(CheckpointError, match="No usable checkpoint.*round_0002.*round_0001"):
+        store.load()
+    # An incomplete directory (no state.json: killed before its commit) is not a checkpoint.
+    empty = CheckpointStore(tmp_path / "fresh")
+    (empty.root / "round_0001").mkdir(parents=True)
+    assert not empty.exists() and empty.load() is None and empty.latest_round() is None
+
+
+def test_a_plain_run_into_checkpoints_without_latest_checkpoint_is_refused(tmp_path):
+    from .test_reliability import simulation
+
+    store = CheckpointStore(tmp_path / "run")
+    _save(store, 1)
+    (store.run_dir / "latest_checkpoint").unlink()
+    (store.run_dir / "metrics.jsonl").write_text('{"round": 1}\n')
+    with pytest.raises(FileExistsError, match="already holds a run: pass --resume"):
+        simulation(store.run_dir).run()
+    assert (store.run_dir / "metrics.jsonl").read_text() == '{"round": 1}\n'  # nothing truncated
+

@@ -12,7 +12,9 @@ Integrity:
   content (`state_sha256`); every file is fsynced before the commit.
 - `latest_checkpoint` names the last complete checkpoint: it is replaced atomically after the directory is written,
   so a run killed at any point resumes from a complete round. Its content is validated (a `round_NNNN` name of a
-  directory inside the run's `checkpoints/`, no link) before anything is read.
+  directory inside the run's `checkpoints/`, no link) before anything is read. When it is missing (deleted), empty
+  or names no directory while complete checkpoints exist, the newest one that passes its check is used, with a
+  warning naming the pointer: a resume never restarts from round 0 and a plain run is refused as with a pointer.
 - The previous complete checkpoint is kept (`keep=2`). On [`CheckpointStore.load`] a checkpoint whose files are
   missing, truncated, altered (checksum), unreadable or hold non-finite values fails its check; the previous one is
   then used, with a warning naming the files and what is wrong with them, and a [`CheckpointError`] naming every
@@ -264,26 +266,48 @@ class CheckpointStore:
     # -- finding ----------------------------------------------------------------------------------------------------
 
     def exists(self) -> bool:
-        return (self.run_dir / LATEST_FILE).exists()
+        """Whether the run has checkpoints: `latest_checkpoint`, or complete checkpoint directories without it."""
+        return (self.run_dir / LATEST_FILE).exists() or bool(self._complete_dirs())
+
+    def _complete_dirs(self) -> list[Path]:
+        # Checkpoint directories whose state.json (written last) exists, newest first.
+        found = [p for p in self._round_dirs() if (p / STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: _round_of(p.name), reverse=True)
 
     def _latest_name(self) -> Optional[str]:
+        # The checkpoint `latest_checkpoint` names; `None` when it is missing or empty.
         latest = self.run_dir / LATEST_FILE
         if not latest.exists():
             return None
         name = latest.read_text().strip()
-        if not _NAME.match(name):
+        if name and not _NAME.match(name):
             raise CheckpointError(f"{latest} names {name!r}, not a checkpoint of this run (expected round_NNNN).")
-        return name
+        return name or None
+
+    def _pointer_problem(self) -> Optional[str]:
+        # Why `latest_checkpoint` cannot be followed (missing, empty, or naming no directory), or None when it can.
+        latest, name = self.run_dir / LATEST_FILE, self._latest_name()
+        if name is None:
+            return f"{latest} is {'empty' if latest.exists() else 'missing'}"
+        directory = self.root / name
+        return None if directory.is_dir() or directory.is_symlink() else f"{latest} names {name!r}, which does not exist"
 
     def latest(self) -> Optional[Path]:
-        """The directory `latest_checkpoint` names, validated, or `None` when the run has none."""
-        name = self._latest_name()
-        if name is None:
-            return None
-        directory = self.root / name
-        if directory.is_symlink() or not directory.is_dir():
-            what = "is a link" if directory.is_symlink() else "does not exist"
-            raise CheckpointError(f"{self.run_dir / LATEST_FILE} names {name!r}, but {directory} {what}.")
+        """The directory `latest_checkpoint` names, validated, or `None` when the run has none.
+
+        When `latest_checkpoint` is missing, empty or names no directory while complete checkpoints exist, the newest
+        one that passes its check is returned, with a warning naming the pointer.
+
+        Raises:
+            [`CheckpointError`]: `latest_checkpoint` names something other than a checkpoint, or a link; or it cannot
+                be followed and no complete checkpoint passes its check.
+        """
+        if self._pointer_problem() is not None:
+            found = self._first_passing()
+            return None if found is None else found[0]
+        directory = self.root / self._latest_name()
+        if directory.is_symlink():
+            raise CheckpointError(f"{self.run_dir / LATEST_FILE} names {directory.name!r}, but {directory} is a link.")
         return directory
 
     def latest_round(self) -> Optional[int]:
@@ -292,10 +316,19 @@ class CheckpointStore:
         return None if directory is None else _round_of(directory.name)
 
     def candidates(self) -> list[Path]:
-        """The checkpoints a resume may use, best first: the one `latest_checkpoint` names, then the older kept ones."""
+        """The checkpoints a resume may use, best first: the one `latest_checkpoint` names, then the older kept ones.
+
+        When `latest_checkpoint` is missing, empty or names no directory: every complete checkpoint, newest first,
+        with a warning naming the pointer (a resume then uses the newest that passes its check).
+        """
+        problem = self._pointer_problem()
+        if problem is not None:
+            scanned = self._complete_dirs()
+            if scanned:
+                logger.warning("%s: using the newest complete checkpoint in %s that passes its check (of %s).",
+                               problem, self.root, ", ".join(p.name for p in scanned))
+            return scanned
         name = self._latest_name()
-        if name is None:
-            return []
         older = sorted((p for p in self._round_dirs() if _round_of(p.name) < _round_of(name)),
                        key=lambda p: _round_of(p.name), reverse=True)
         return [self.root / name, *older]
@@ -370,39 +403,43 @@ class CheckpointStore:
         restored), or `None` when the run has none.
 
         When the latest checkpoint fails its check, the previous complete one is used with a warning naming the
-        files at fault ([`skipped`] lists them).
+        files at fault ([`skipped`] lists them). When `latest_checkpoint` is missing, empty or names no directory,
+        the newest complete checkpoint that passes its check is used, with a warning naming the pointer.
 
         Args:
-            repair (`bool`, *optional*, defaults to `False`): after falling back, point `latest_checkpoint` at the
-                checkpoint used (only the process that owns the run directory should).
+            repair (`bool`, *optional*, defaults to `False`): after falling back (or without a usable pointer), point
+                `latest_checkpoint` at the checkpoint used (only the process that owns the run directory should).
 
         Raises:
             [`CheckpointError`]: `latest_checkpoint` is invalid, or no checkpoint passes its check (every file at
                 fault is named).
         """
+        pointer_problem = self._pointer_problem()
+        found = self._first_passing()
+        if found is None:
+            return None
+        directory, (state, global_state, aggregator_state, plain, rng_tensors) = found
+        if self.skipped:
+            logger.warning("Resuming from %s: the newer checkpoint(s) failed their check: %s", directory.name,
+                           " | ".join(reason for _, reason in self.skipped))
+        if repair and (self.skipped or pointer_problem is not None):
+            tmp = self.run_dir / f"{LATEST_FILE}.tmp"
+            _write_synced(tmp, directory.name.encode())
+            os.replace(tmp, self.run_dir / LATEST_FILE)
+        set_rng_state(plain, rng_tensors)
+        return state, global_state, aggregator_state
+
+    def _first_passing(self) -> Optional[tuple[Path, tuple]]:
+        # The first of `candidates()` passing its check, with what `read` returned; the others tried go to `skipped`.
         self.skipped = []
         for directory in self.candidates():
             try:
-                state, global_state, aggregator_state, plain, rng_tensors = self.read(directory)
+                return directory, self.read(directory)
             except CheckpointError as err:
                 self.skipped.append((directory, str(err)))
-                continue
-            if self.skipped:
-                logger.warning(
-                    "Resuming from %s: the newer checkpoint(s) failed their check: %s", directory.name,
-                    " | ".join(reason for _, reason in self.skipped),
-                )
-                if repair:
-                    tmp = self.run_dir / f"{LATEST_FILE}.tmp"
-                    _write_synced(tmp, directory.name.encode())
-                    os.replace(tmp, self.run_dir / LATEST_FILE)
-            set_rng_state(plain, rng_tensors)
-            return state, global_state, aggregator_state
         if self.skipped:
-            raise CheckpointError(
-                f"No usable checkpoint in {self.root}: "
-                + " | ".join(f"{d.name}: {reason}" for d, reason in self.skipped)
-            )
+            raise CheckpointError(f"No usable checkpoint in {self.root}: "
+                                  + " | ".join(f"{d.name}: {reason}" for d, reason in self.skipped))
         return None
 
 
