@@ -46,7 +46,7 @@ def _unknown_error(names: Iterable[str], known: list[str], source: str) -> Value
 
 
 def parse_yaml_and_args(parser: HfArgumentParser, argv: Sequence[str]) -> tuple:
-    """Parse `--config FILE.yaml` (optional) and the other arguments of `argv` into `parser`'s dataclasses.
+    """Parse `--config FILE.yaml` or `--config=FILE.yaml` (optional) and the other arguments of `argv` into `parser`'s dataclasses.
 
     The YAML file is a flat mapping of field names to values; arguments given on the command line override it. An
     unknown field name, in the file or on the command line, is an error that names it (and the field it is closest
@@ -57,12 +57,17 @@ def parse_yaml_and_args(parser: HfArgumentParser, argv: Sequence[str]) -> tuple:
     known = _known_fields(parser)
     argv = list(argv)
     config_args: list[str] = []
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path.")
-        path = argv[index + 1]
-        del argv[index : index + 2]
+    index = next((i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")), None)
+    if index is not None:
+        if argv[index] == "--config":  # `--config FILE`
+            if index + 1 >= len(argv):
+                raise ValueError("--config needs a YAML file path.")
+            path = argv[index + 1]
+            del argv[index : index + 2]
+        else:  # `--config=FILE`
+            path = argv.pop(index).split("=", 1)[1]
+            if not path:
+                raise ValueError("--config= needs a YAML file path.")
         with open(path) as f:
             config = yaml.safe_load(f) or {}
         if not isinstance(config, dict):

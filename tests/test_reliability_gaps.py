@@ -185,3 +185,27 @@ def test_a_plain_run_into_checkpoints_without_latest_checkpoint_is_refused(tmp_p
         simulation(store.run_dir).run()
     assert (store.run_dir / "metrics.jsonl").read_text() == '{"round": 1}\n'  # nothing truncated
 
+
+# -- F: `--config=file.yaml` is `--config file.yaml` -------------------------------------------------------------------
+
+
+def test_config_file_given_with_an_equals_sign(tmp_path):
+    from transformers import HfArgumentParser
+
+    from fcmoe_hf.config_parsing import parse_yaml_and_args
+    from fcmoe_hf.simulation import FederationArguments
+
+    config = tmp_path / "config.yaml"
+    config.write_text("num_rounds: 3\naggregator: fedavg\n")
+    cases = [(["--config", str(config)], 3), ([f"--config={config}"], 3), ([f"--config={config}", "--num_rounds=4"], 4)]
+    for argv, num_rounds in cases:  # the command line still overrides the file
+        (parsed,) = parse_yaml_and_args(HfArgumentParser(FederationArguments), argv)
+        assert parsed.aggregator == "fedavg" and parsed.num_rounds == num_rounds
+    with pytest.raises(ValueError, match="--config= needs a YAML file path"):
+        parse_yaml_and_args(HfArgumentParser(FederationArguments), ["--config="])
+    with pytest.raises(ValueError, match=r"unknown field 'config_fle'"):  # only `--config` itself is taken
+        parse_yaml_and_args(HfArgumentParser(FederationArguments), [f"--config_fle={config}"])
+    # The recipe reads it too (and then stops at the missing model directory, before any data).
+    with pytest.raises(FileNotFoundError, match="model_name_or_path: no such directory"):
+        _recipe().main([f"--config={config}", "--model_name_or_path", str(tmp_path / "no_model"),
+                        "--output_dir", str(tmp_path / "out")])
