@@ -34,15 +34,33 @@ def tiny_components(config):
 
 
 def tiny_config(run_dir, aggregator="fcmoe", **overrides):
-    """`make_simulation`'s federation as a Flower run config."""
+    """`make_simulation`'s federation (with two clients: one Ray actor or SuperNode per core) as a Flower run config."""
     values = dict(
-        num_server_rounds=2, aggregator=aggregator, num_clients=3, min_train_clients=3, min_available_clients=3,
+        num_server_rounds=2, aggregator=aggregator, num_clients=2, min_train_clients=2, min_available_clients=2,
         components="tests.test_flower_components:tiny_components", task="category", max_length=32, batch_size=4,
         learning_rate=5e-3, local_epochs=1.0, seed=42, training_args=json.dumps({"logging_steps": 1}), eval_batch_size=8,
         run_dir=str(run_dir), base_model_id="tiny-llama",
     )
     values.update(overrides)
     return FlowerRunConfig(**values)
+
+
+def in_process(config):
+    """The in-process `FederatedSimulation` of the Flower run `config` (its components, `make_simulation`'s arguments),
+    writing to `config.run_dir`."""
+    from fcmoe_hf import FederatedMoETrainingArguments
+    from fcmoe_hf.simulation import FederatedSimulation, FederationArguments
+
+    components = tiny_components(config)
+    args = FederationArguments(
+        aggregator=config.aggregator, num_rounds=config.num_server_rounds, max_length=config.max_length,
+        eval_batch_size=config.eval_batch_size, base_model_id=config.base_model_id,
+    )
+    training_args = FederatedMoETrainingArguments(
+        output_dir=config.run_dir, per_device_train_batch_size=config.batch_size, num_train_epochs=config.local_epochs,
+        learning_rate=config.learning_rate, use_cpu=True, report_to=[], logging_steps=1,
+    )
+    return FederatedSimulation(components.model, components.tokenizer, components.splits, args, training_args)
 
 
 def test_app_run_config_is_the_dataclass():
