@@ -30,19 +30,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
-import random
 import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+from .client_ids import CLIENT_ID_PATTERN, CheckpointError, check_client_id, client_problems
+from .rng import rng_state, set_rng_state
+
+__all__ = [
+    "CLIENT_ID_PATTERN", "CheckpointError", "CheckpointStore", "check_client_id", "rng_state", "set_rng_state",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,51 +62,6 @@ REQUIRED_FILES = (GLOBAL_STATE_FILE, AGGREGATOR_STATE_FILE, RNG_JSON_FILE, RNG_T
 #: Version of the checkpoint layout written into `state.json` (`1`: no checksums; `2`: checksums).
 FORMAT_VERSION = 2
 _NAME = re.compile(r"^round_\d{4,}$")
-#: A client id that is safe as one path component: no separator, no `.`/`..`, no leading dot or dash.
-CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: the message names the file(s) and what is wrong with them."""
-
-
-def check_client_id(client_id: Any, source: str) -> str:
-    """Return `client_id` if it is a plain name usable as one path component ([`CLIENT_ID_PATTERN`]).
-
-    Args:
-        client_id (`Any`): the id read from a file.
-        source (`str`): where it was read (a file and field), named in the error.
-
-    Raises:
-        [`CheckpointError`]: naming `source` and the id, when it is not a string matching `CLIENT_ID_PATTERN`.
-    """
-    if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
-        raise CheckpointError(
-            f"{source}: invalid client id {client_id!r} (expected a plain name matching {CLIENT_ID_PATTERN.pattern})."
-        )
-    return client_id
-
-
-def _client_problems(state: Mapping[str, Any], state_path: Path) -> list[str]:
-    # The clients' bookkeeping of state.json: plain ids, round numbers >= 1 and finite update scales.
-    problems = []
-    for field_name, valid in (("last_update_round", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-                              ("update_scales", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                               and math.isfinite(v))):
-        entries = state.get(field_name, {})
-        if not isinstance(entries, dict):
-            problems.append(f"{state_path}: {field_name} is not a JSON object")
-            continue
-        for client_id, value in entries.items():
-            try:
-                check_client_id(client_id, f"{state_path}: {field_name}")
-            except CheckpointError as err:
-                problems.append(str(err).rstrip("."))
-            if not valid(value):
-                problems.append(f"{state_path}: {field_name}[{client_id!r}] = {value!r} is not valid")
-    return problems
-
-
 def checkpoint_name(round_index: int) -> str:
     return f"round_{round_index:04d}"
 
@@ -119,26 +78,6 @@ def _state_digest(state: Mapping[str, Any]) -> str:
     # The digest of state.json's content without its own digest field, over a canonical serialisation.
     body = {k: v for k, v in state.items() if k != "state_sha256"}
     return sha256_bytes(json.dumps(body, sort_keys=True, default=str).encode())
-
-
-def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The Python, NumPy and torch (CPU) RNG states as `(JSON-ready dict, tensors)`."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    plain = {
-        "python": {"version": version, "state": list(internal), "gauss_next": gauss},
-        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-    }
-    return plain, {"torch": torch.get_rng_state()}
-
-
-def set_rng_state(plain: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
-    """Inverse of [`rng_state`]."""
-    py = plain["python"]
-    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss_next"]))
-    n = plain["numpy"]
-    np.random.set_state((str(n["kind"]), np.asarray(n["keys"], dtype=np.uint32), int(n["pos"]), int(n["has_gauss"]), float(n["cached_gaussian"])))
-    torch.set_rng_state(tensors["torch"])
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -352,7 +291,7 @@ class CheckpointStore:
             raise CheckpointError(f"{state_path}: cannot be read as JSON ({type(err).__name__}: {err}).") from err
         if not isinstance(state, dict):
             raise CheckpointError(f"{state_path}: expected a JSON object, got {type(state).__name__}.")
-        problems = _client_problems(state, state_path)
+        problems = client_problems(state, state_path)
         if state.get("round") != _round_of(directory.name):
             problems.append(f"{state_path}: records round {state.get('round')!r}, not that of {directory.name}")
         digests = state.get("files")
