@@ -102,8 +102,8 @@ class FlowerServer:
         self.checkpoints = CheckpointStore(self.run_dir)
         self.client_ids = [f"client_{i}" for i in range(self.splits.num_clients)]
         self.history: list[dict[str, Any]] = []
-        # What the outputs writers read of the federation's arguments; the clients write their own adapters.
-        # (and what the resume check compares: `FederationArguments`' names for the Flower run config's fields).
+        # What the outputs writers and the resume check read of the federation's arguments (`FederationArguments`'
+        # names for the run config's fields); the clients write their own adapters.
         self.args = SimpleNamespace(
             aggregator=config.aggregator, base_model_id=config.optional("base_model_id"), dataset_id=config.optional("dataset_id"),
             num_rounds=config.num_server_rounds, save_client_adapters=False, fraction_fit=config.fraction_train,
@@ -302,8 +302,8 @@ class FlowerServer:
             failed = {f["node_id"] for f in failures}
             evaluation = [m for m in strategy.configure_evaluate(round_index, state_to_arrays(new_state), ConfigRecord(), grid)
                           if m.metadata.dst_node_id not in failed]
-            replies = grid.send_and_receive(evaluation, timeout=cfg.round_timeout)
-            metrics.update(local_metrics(replies, getattr(strategy, "node_clients", None)))
+            evaluated = grid.send_and_receive(evaluation, timeout=cfg.round_timeout)
+            metrics.update(local_metrics(evaluated, getattr(strategy, "node_clients", None)))
         metrics["round_wall_seconds"] = time.perf_counter() - started
         return new_state, metrics, conflicts
 
