@@ -111,6 +111,24 @@ def test_server_known_bounds_reject_unassigned_ids_and_inflated_counts():
     assert s.node_clients == {1: "client_0", 2: "client_1"}  # an unknown id pins nothing
 
 
+@pytest.mark.parametrize("num_examples", [float("inf"), 3.7, 12.0, 10**400, True, 0])
+def test_a_malformed_num_examples_fails_its_node_not_the_round(num_examples):
+    s, grid = strategy(sizes={"client_0": 10, "client_1": 10}), FakeGrid([1, 2])
+    messages = {m.metadata.dst_node_id: m for m in s.configure_train(1, state_to_arrays(STATE), ConfigRecord(), grid)}
+    bad = update_to_content(update("client_1"))
+    metrics = bad.metric_records["metrics"]
+    try:
+        metrics["num-examples"] = num_examples
+    except (TypeError, ValueError, OverflowError):
+        pytest.skip(f"a MetricRecord cannot hold {num_examples!r}, so no reply can carry it")
+    replies = [Message(content=update_to_content(update("client_0")), reply_to=messages[1]),
+               Message(content=bad, reply_to=messages[2])]
+    s.aggregate_train(1, replies)
+    assert s.last_result.client_ids == ["client_0"]
+    (failure,) = s.failures
+    assert failure["node_id"] == 2 and "num-examples" in failure["reason"] and "client_1" in failure["reason"]
+
+
 def test_a_round_with_fewer_valid_updates_than_min_clients_fails_clearly():
     s, grid = strategy(min_clients=2), FakeGrid([1, 2, 3])
     run_round(s, grid, 1, {1: update("client_0"), 2: update("client_1"), 3: update("client_2")})

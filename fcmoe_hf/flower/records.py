@@ -20,6 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ..federated import ClientUpdate
+from ..federated.bounds import parse_count
 
 DELTAS, STATISTICS, METRICS, UPDATE = "deltas", "statistics", "metrics", "update"
 NUM_EXAMPLES = "num-examples"
@@ -79,13 +80,19 @@ def content_to_update(content: RecordDict) -> ClientUpdate:
         kind, _, group = key.partition("/")
         (counts if kind == "activation_counts" else gates)[group] = torch.from_numpy(np.array(array.numpy(), copy=True))
     metrics = content.metric_records[METRICS]
+    client_id = meta["client-id"]
+    if not isinstance(client_id, str) or not client_id:
+        raise ValueError(f"reply's {UPDATE!r} record: client-id must be a non-empty string, got {client_id!r}")
+    # Exact integers, as on disk: a float (3.7, inf), bool or string count is a malformed reply, never truncated.
+    num_samples = parse_count(metrics[NUM_EXAMPLES], NUM_EXAMPLES, f"reply of {client_id!r} ({METRICS!r} record)", minimum=1)
+    round_index = parse_count(meta["round"], "round", f"reply of {client_id!r} ({UPDATE!r} record)")
     return ClientUpdate(
-        client_id=str(meta["client-id"]),
-        num_samples=int(metrics[NUM_EXAMPLES]),
+        client_id=client_id,
+        num_samples=num_samples,
         deltas=arrays_to_state(content.array_records[DELTAS], str(meta.get("transport-dtype", "float32"))),
         activation_counts=counts,
         mean_gate=gates,
-        round=int(meta["round"]) or None,
+        round=round_index or None,
         metrics={k: v for k, v in metrics.items() if k != NUM_EXAMPLES},
     )
 

@@ -207,7 +207,7 @@ class FCMoEStrategy(FedAvg):
         for message in valid:
             try:
                 received.append((message.metadata.src_node_id, content_to_update(message.content)))
-            except (KeyError, ValueError) as err:
+            except (KeyError, ValueError, TypeError, OverflowError) as err:  # a malformed reply fails its node only
                 failures.append({"node_id": message.metadata.src_node_id, "reason": f"malformed reply: {err}"})
         for failure in failures:
             logger.warning(f"Round {server_round}: node {failure['node_id']} failed ({failure['reason']}); left out of the merge.")
