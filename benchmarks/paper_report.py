@@ -32,6 +32,15 @@ def rounds_to_reach(accuracies: list[float], target: float) -> Optional[int]:
     return next((i + 1 for i, accuracy in enumerate(accuracies) if accuracy >= target - 1e-9), None)
 
 
+def _method_rows(cells, alphas, columns) -> list[str]:
+    """One table row per method that has cells (Table I's methods, then the ablations): `columns(records)` per alpha."""
+    rows = []
+    for method in TABLE_METHODS + [m for m in ABLATIONS if m != "fcmoe"]:
+        if any((method, a) in cells for a in alphas):
+            rows.append("| " + " | ".join([method] + [c for a in alphas for c in columns(cells.get((method, a), []))]) + " |")
+    return rows
+
+
 def _mean_std(values: list[float]) -> str:
     values = [v for v in values if v is not None and np.isfinite(v)]
     if not values:
@@ -94,29 +103,17 @@ def _write_report(results: Path, out_dir: Path) -> Path:
     header = "| method | " + " | ".join(f"α={a:g} acc | α={a:g} prec | α={a:g} rec" for a in alphas) + " |"
     lines += ["## Table I analogue: global accuracy / macro precision / macro recall (%, mean ± std over seeds)", "",
               header, "|---|" + "---|" * (3 * len(alphas))]
-    for method in TABLE_METHODS + [m for m in ABLATIONS if m != "fcmoe"]:
-        if not any((method, a) in cells for a in alphas):
-            continue
-        row = [method]
-        for a in alphas:
-            recs = cells.get((method, a), [])
-            row += [_mean_std(_final(recs, "global_accuracy")), _mean_std(_final(recs, "global_precision")),
-                    _mean_std(_final(recs, "global_recall"))]
-        lines.append("| " + " | ".join(row) + " |")
+    lines += _method_rows(cells, alphas, lambda recs: [
+        _mean_std(_final(recs, "global_accuracy")), _mean_std(_final(recs, "global_precision")),
+        _mean_std(_final(recs, "global_recall"))])
 
     lines += ["", "Round-to-round noise is large at this scale (one round can move global accuracy by 10 points), so the "
               "mean over the last three rounds is given beside the final round:", "",
               "| method | " + " | ".join(f"α={a:g} final | α={a:g} last-3 mean" for a in alphas) + " |",
               "|---|" + "---|" * (2 * len(alphas))]
-    for method in TABLE_METHODS + [m for m in ABLATIONS if m != "fcmoe"]:
-        if not any((method, a) in cells for a in alphas):
-            continue
-        row = [method]
-        for a in alphas:
-            recs = cells.get((method, a), [])
-            row += [_mean_std(_final(recs, "global_accuracy")),
-                    _mean_std([float(np.mean([r["global_accuracy"] for r in rec["rounds"][-3:]])) for rec in recs])]
-        lines.append("| " + " | ".join(row) + " |")
+    lines += _method_rows(cells, alphas, lambda recs: [
+        _mean_std(_final(recs, "global_accuracy")),
+        _mean_std([float(np.mean([r["global_accuracy"] for r in rec["rounds"][-3:]])) for rec in recs])])
 
     lines += ["", "## Table II analogue: ablations (global / mean local accuracy, %)", "",
               "| method | " + " | ".join(f"α={a:g} global | α={a:g} local" for a in alphas) + " |",

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig
 
@@ -14,13 +15,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import paper_protocol  # noqa: E402
 
 
-def test_grid_runs_resumes_and_reports(tmp_path, capsys):
-    model_dir = tmp_path / "tiny_bert"
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny BERT classifier (10 labels) and its tokenizer, saved as a model directory."""
+    path = tmp_path / "tiny_bert"
     torch.manual_seed(0)
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
                         max_position_embeddings=64, num_labels=10, pad_token_id=0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_grid_runs_resumes_and_reports(tmp_path, model_dir, capsys):
     results = tmp_path / "results.jsonl"
     argv = ["--model", str(model_dir), "--num-rounds", "1", "--num-clients", "2", "--num-experts", "4",
             "--max-train-samples-per-client", "4", "--max-global-eval-samples", "8", "--max-local-eval-samples", "4",
@@ -45,13 +52,7 @@ def test_rounds_to_converge_is_the_first_round_within_a_point_of_the_best():
     assert rounds_to_converge([0.7]) == 1
 
 
-def test_attack_cell_rejects_the_attacker_with_defences_on_and_is_reported(tmp_path):
-    model_dir = tmp_path / "tiny_bert"
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
-                        max_position_embeddings=64, num_labels=10, pad_token_id=0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+def test_attack_cell_rejects_the_attacker_with_defences_on_and_is_reported(tmp_path, model_dir):
     results = tmp_path / "results.jsonl"
     common = ["--model", str(model_dir), "--num-rounds", "1", "--num-clients", "4", "--num-experts", "4",
               "--max-train-samples-per-client", "4", "--max-global-eval-samples", "8", "--max-local-eval-samples", "4",
