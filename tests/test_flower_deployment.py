@@ -1,13 +1,16 @@
 """A real Flower deployment on 127.0.0.1: a SuperLink and two SuperNodes started here (insecure, no runtime dependency
 installation) and `flwr run recipes/flower` against them, twice: a ServerApp that stops after round 1, resumed to the
-same round-2 global state as the in-process run; its round 3 survives a SuperNode killed in the middle of it.
+same round-2 global state as the in-process run; its round 3 survives a SuperNode killed in the middle of it. A third
+run (SuperNode 1 restarted, then killed in the middle of round 4, with `min_clients=2`) fails clearly, naming the node,
+and loses nothing: round 3's checkpoint and outputs stay, and no ServerApp process or run-directory lock is left.
 
-What needs no deployment is tested at unit level (tests/test_flower_strategy.py): a round left with fewer valid updates
-than `min_clients` fails, naming the failed nodes; spoofed replies; the run-directory lock; the resume check.
+What needs no deployment is tested at unit level (tests/test_flower_strategy.py): spoofed replies; the run-directory
+lock; the resume check; the failure message's details.
 """
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,10 +62,26 @@ class Federation:
                     raise RuntimeError(f"The SuperLink did not start: {(home / 'superlink.log').read_text()[-2000:]}") from None
                 time.sleep(0.2)
         for i in range(num_nodes):
-            self.nodes[i] = self._start(f"supernode{i}", [
-                BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port()),
-                "--node-config", f"partition-id={i}",
-            ])
+            self.start_node(i)
+
+    def start_node(self, i: int, log_name=None):
+        """Start (or restart) SuperNode `i` (`partition-id=i`), logging to `<log_name or supernode<i>>.log`."""
+        self.nodes[i] = self._start(log_name or f"supernode{i}", [
+            BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port()),
+            "--node-config", f"partition-id={i}",
+        ])
+
+    def serverapps(self) -> list[int]:
+        """The pids of the ServerApp processes this SuperLink started that still run."""
+        pids = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                args = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"flwr-serverapp") for a in args) and f"127.0.0.1:{self.port}".encode() in args:
+                pids.append(int(cmdline.parent.name))
+        return pids
 
     def _start(self, name, command):
         log = open(self.home / f"{name}.log", "w")
@@ -97,22 +116,31 @@ def _rounds(run_dir):
     return [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _run_killing_in_round_3(federation, run_dir, **overrides):
-    """Start the run, kill SuperNode 1 as soon as it starts training round 3, wait for the run to end."""
-    memory = run_dir / "clients" / "client_1" / "flower_state" / "memory.json"
+def _run_killing(federation, run_dir, node, arrived, **overrides):
+    """Start the run, kill SuperNode `node` as soon as `arrived()` (its training message arrived), wait for the run."""
     result = {}
     thread = threading.Thread(target=lambda: result.update(done=federation.run(run_dir, **overrides)))
     thread.start()
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and thread.is_alive():
-        # Rounds 2 and 3 are not evaluated: the client settles its round-2 update (last-round 2) only when round 3's
-        # training message arrives.
-        if memory.is_file() and json.loads(memory.read_text() or "{}").get("last-round") == 2:
-            federation.kill(federation.nodes[1])
+        if arrived():
+            federation.kill(federation.nodes[node])
             break
         time.sleep(0.02)
     thread.join(timeout=400)
     return result["done"]
+
+
+def _memory(run_dir, client_id="client_1"):
+    # Written by the client's ClientApp when a training message arrives (it settles its previous update first).
+    return run_dir / "clients" / client_id / "flower_state" / "memory.json"
+
+
+def _last_round(path):
+    try:
+        return json.loads(path.read_text() or "{}").get("last-round")
+    except (OSError, ValueError):
+        return None
 
 
 def test_deployment_resumes_a_stopped_server_and_survives_a_killed_node(tmp_path):
@@ -140,7 +168,10 @@ def _resume_then_kill(federation, tmp_path):
 
     # Resumed: round 2 continues from round 1's checkpoint and the clients' state on their nodes; in round 3
     # SuperNode 1 is killed: the round completes with the other client (min_clients=1), the failure logged.
-    done = _run_killing_in_round_3(federation, run_dir, **common, **{"num-server-rounds": 3, "resume": True, "min-available-clients": 1})
+    # Rounds 2 and 3 are not evaluated: client 1 settles its round-2 update (last-round 2) only when round 3's training
+    # message arrives.
+    done = _run_killing(federation, run_dir, 1, lambda: _last_round(_memory(run_dir)) == 2,
+                        **common, **{"num-server-rounds": 3, "resume": True, "min-available-clients": 1})
     assert done.returncode == 0 and "Round 3 failed" not in done.stdout + done.stderr, done.stdout[-3000:] + done.stderr[-3000:]
     assert _rounds(run_dir) == [1, 2, 3]
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -163,3 +194,32 @@ def _resume_then_kill(federation, tmp_path):
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+    # Resumed for round 4 with min_clients=2: SuperNode 1 restarted (its client state is on disk), then killed when its
+    # round-4 training message arrives: one update for min_clients=2, so the round fails, naming the node, and nothing
+    # of round 3 is lost.
+    kept = {name: (run_dir / name).read_bytes() for name in ("metrics.jsonl", "outputs.json", "latest_checkpoint")}
+    memory = _memory(run_dir)
+    written = memory.stat().st_mtime_ns
+    federation.start_node(1, "supernode1_restarted")
+    restarted_log, deadline = federation.home / "supernode1_restarted.log", time.monotonic() + 90
+    while not re.search(r"SuperNode ID: (\d+)", restarted_log.read_text()):  # registered: round 4 samples it
+        assert time.monotonic() < deadline and federation.nodes[1].poll() is None, restarted_log.read_text()[-2000:]
+        time.sleep(0.2)
+    node_id = re.search(r"SuperNode ID: (\d+)", restarted_log.read_text()).group(1)
+    failed = _run_killing(
+        federation, run_dir, 1, lambda: memory.stat().st_mtime_ns != written,
+        **common, **{"num-server-rounds": 4, "resume": True, "aggregator-config": json.dumps({"min_clients": 2}),
+                     "resume-allow-config-change": True},
+    )
+    log = failed.stdout + failed.stderr  # `flwr run --stream` exits 0 when the ServerApp fails: its log says so
+    assert re.search(rf"Round 4 failed: 1 client update\(s\) arrived, .*node {node_id}: no reply within the round timeout"
+                     r".*min_clients=2", log), log[-3000:]
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept  # no half round 4, round 3 still the latest
+    assert not (run_dir / "checkpoints" / "round_0004").exists()
+    assert (run_dir / "checkpoints" / "round_0003" / "global_state.safetensors").is_file()
+    assert not (run_dir / "run.lock").exists()  # released by the failed ServerApp
+    deadline = time.monotonic() + 30
+    while federation.serverapps() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert federation.serverapps() == []
