@@ -167,3 +167,21 @@ class UpdateBounds:
                     f"num_samples x max_activations_per_sample / top_k = {total_limit / self.top_k:.6g}"
                 )
         return None
+
+
+def local_passes(training_args: Any, partition_sizes: Mapping[str, int], num_processes: int = 1) -> float:
+    """How many times a client's local training goes over its data: `num_train_epochs`, or with `max_steps` the
+    samples those steps see (over `num_processes` data-parallel ranks) divided by the smallest partition."""
+    t = training_args
+    if t.max_steps and t.max_steps > 0:
+        seen = t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * num_processes
+        return max(seen / max(size, 1) for size in partition_sizes.values())
+    return t.num_train_epochs
+
+
+def routing_top_k(model: Any) -> int:
+    """Experts per token of `model`: its active MoE-LoRA adapter's `top_k` or its base's `num_experts_per_tok`
+    (the larger), 1 for a dense model."""
+    peft_config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return max(getattr(peft_config, "top_k", 1) or 1, getattr(model.config, "num_experts_per_tok", 1) or 1)
+

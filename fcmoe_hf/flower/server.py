@@ -32,6 +32,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid
 
 from ..federated import ClientConfig
+from ..federated.bounds import local_passes, routing_top_k
 from ..federated.validation import global_expert_sizes
 from ..reporting import RoundLogger, read_jsonl, truncate_jsonl
 from ..simulation.checkpoints import CheckpointStore
@@ -128,13 +129,8 @@ class FlowerServer:
 
     def activation_bound(self) -> dict[str, Any]:
         """`max_length`, local passes over the data and `top_k`, for [`FCMoEStrategy.expect_clients`]."""
-        t = self.training_args
-        passes = t.num_train_epochs
-        if t.max_steps and t.max_steps > 0:
-            seen = t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps
-            passes = max(seen / max(size, 1) for size in self.partition_sizes().values())
-        peft_config = getattr(self.model, "peft_config", {}).get(getattr(self.model, "active_adapter", None))
-        top_k = max(getattr(peft_config, "top_k", 1) or 1, getattr(self.model.config, "num_experts_per_tok", 1) or 1)
+        passes = local_passes(self.training_args, self.partition_sizes())
+        top_k = routing_top_k(self.model)
         return {"max_length": self.config.max_length, "passes": passes, "top_k": top_k}
 
     # -- what the outputs writers call ----------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from ..federated import (
     load_update,
     retained_start,
 )
+from ..federated.bounds import local_passes, routing_top_k
 from ..hub.push import HubPublisher
 from ..reporting import RoundLogger, truncate_jsonl
 from ..tasks import Task, build_task
@@ -145,14 +146,8 @@ class FederatedSimulation:
         """What the server knows of round's clients ([`UpdateBounds`]): the ids it sampled, their partition sizes,
         and the activations a sample can produce (`max_length` x local passes x `top_k`)."""
         sizes = {cid: len(self.train_sets[self.client_ids.index(cid)]) for cid in sampled}
-        t = self.training_args
-        if t.max_steps and t.max_steps > 0:
-            seen = t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * self.state.num_processes
-            passes = max(seen / max(size, 1) for size in sizes.values())
-        else:
-            passes = t.num_train_epochs
-        peft_config = self.model.peft_config.get(self.model.active_adapter) if hasattr(self.model, "peft_config") else None
-        top_k = max(getattr(peft_config, "top_k", 1) or 1, getattr(self.model.config, "num_experts_per_tok", 1) or 1)
+        passes = local_passes(self.training_args, sizes, self.state.num_processes)
+        top_k = routing_top_k(self.model)
         return UpdateBounds.for_round(sizes, max_length=self.args.max_length, passes=passes, top_k=top_k)
 
     def client_config(self, round_index: int) -> ClientConfig:
