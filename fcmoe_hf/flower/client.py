@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers.trainer_callback import PrinterCallback
 
 from ..federated import ClientConfig, ClientUpdate, retained_start
+from ..simulation.round_metrics import first_rows
 from ..trainer import FederatedMoETrainer, FederatedMoETrainingArguments, get_federated_state, set_federated_state
 from .components import ComponentsBuilder, FederationComponents, resolve_builder
 from .config import FlowerRunConfig
@@ -164,13 +165,8 @@ class FlowerClient:
         self.client_id = f"client_{partition_id}"
         data = components.splits.clients[partition_id]
         train = data["train"]
-        cap = config.optional("max_train_samples_per_client")
-        if cap is not None:
-            train = train.select(range(min(cap, train.num_rows)))
-        self.train_set = components.task.tokenize(train)
-        test = data["test"]
-        cap = config.optional("max_local_eval_samples")
-        self.test_set = test if cap is None or test.num_rows <= cap else test.select(range(cap))
+        self.train_set = components.task.tokenize(first_rows(train, config.optional("max_train_samples_per_client")))
+        self.test_set = first_rows(data["test"], config.optional("max_local_eval_samples"))
         self.output_dir = Path(config.client_output_dir or os.path.join(config.run_dir, "clients")) / self.client_id
 
     def training_args(self, server_round: int, client_config: ClientConfig) -> FederatedMoETrainingArguments:

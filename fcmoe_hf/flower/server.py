@@ -39,7 +39,7 @@ from ..simulation.checkpoints import CheckpointStore
 from ..simulation.lock import RunLock
 from ..simulation.outputs import checkpoint_files, write_outputs
 from ..simulation.resume import check_resume_config, run_config
-from ..simulation.round_metrics import cosine_quantiles, expert_usage
+from ..simulation.round_metrics import cosine_quantiles, expert_usage, first_rows
 from ..trainer import get_federated_state, set_federated_state
 from .client import local_training_arguments, make_client_app
 from .components import ComponentsBuilder, FederationComponents, resolve_builder
@@ -199,10 +199,7 @@ class FlowerServer:
 
     def evaluate_global(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """The global adapter on the global test set (`global_<metric>`)."""
-        test = self.splits.global_test
-        limit = self.config.optional("max_global_eval_samples")
-        if limit is not None and test.num_rows > limit:
-            test = test.select(range(limit))
+        test = first_rows(self.splits.global_test, self.config.optional("max_global_eval_samples"))
         set_federated_state(self.model, global_state)
         scores = self.task.evaluate(self.model, test, batch_size=self.config.eval_batch_size)
         return {f"global_{k}": v for k, v in scores.items()}

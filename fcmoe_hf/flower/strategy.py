@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..federated import AggregationResult, Aggregator, ClientUpdate, UpdateBounds, build_aggregator
+from ..simulation.round_metrics import local_summary
 from .config import TRANSPORT_DTYPES
 from .records import NUM_EXAMPLES, arrays_to_state, content_to_update, state_to_arrays
 
@@ -271,8 +272,5 @@ def local_metrics(replies: Iterable[Message], node_clients: Optional[Mapping[int
                 continue
             out[f"{client_id}/local_{key}"] = float(value)
             per_metric.setdefault(key, []).append(float(value))
-    for key, values in per_metric.items():
-        out[f"local_{key}_mean"] = float(np.mean(values))
-        out[f"local_{key}_min"] = float(np.min(values))
-        out[f"local_{key}_max"] = float(np.max(values))
+    out.update(local_summary(per_metric))
     return out

@@ -28,7 +28,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from accelerate import PartialState
-from datasets import Dataset
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -52,6 +51,7 @@ from ..tasks import Task, build_task
 from ..trainer import FederatedMoETrainer, FederatedMoETrainingArguments, get_federated_state, set_federated_state
 from .arguments import FederationArguments
 from .checkpoints import CheckpointStore, check_client_id
+from .evaluation import evaluate_federation
 from .lock import acquire_run_lock
 from .outputs import write_outputs
 from .progress import ClientProgress
@@ -238,49 +238,9 @@ class FederatedSimulation:
         return update
 
     def evaluate(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Global adapter on the global test set, each client's personalized adapter on its local test set.
-
-        With PFL-MoE personalization a client's local model is the mixture of the global adapter with its personal
-        adapter through its gate ([`~fcmoe_hf.personalization.PFLMoEModel`]); a client that has not trained one yet
-        is scored with the global adapter (a mixture of two equal models).
-        """
-        metrics: dict[str, float] = {}
-        global_test = self._limit(self.splits.global_test, self.args.max_global_eval_samples)
-        set_federated_state(self.model, global_state)
-        metrics.update({f"global_{k}": v for k, v in self._score(global_test).items()})
-        store = None
-        if self.client_config(len(self.history) + 1).personalization == "pfl_moe":
-            from ..personalization import PersonalStateStore, PFLMoEModel
-
-            store = PersonalStateStore(self.run_dir / "clients")
-            latest = self.checkpoints.latest()  # states newer than the round after it would be from an abandoned run
-            before_round = (int(latest.name.removeprefix("round_")) if latest is not None else 0) + 2
-        local: dict[str, list[float]] = {}
-        for index, client_id in enumerate(self.client_ids):
-            test = self._limit(self.splits.clients[index]["test"], self.args.max_local_eval_samples)
-            set_federated_state(self.model, self.personalized_state(global_state, client_id))
-            kept = store.load(client_id, before_round) if store is not None else None
-            if kept is None:
-                scores = self._score(test)
-            else:
-                with PFLMoEModel(self.model, kept[1]) as mixture:
-                    scores = self.task.evaluate(mixture, test, batch_size=self.args.eval_batch_size)
-            for key, value in scores.items():
-                local.setdefault(key, []).append(value)
-                metrics[f"{client_id}/local_{key}"] = value
-        for key, values in local.items():
-            metrics[f"local_{key}_mean"] = float(np.mean(values))
-            metrics[f"local_{key}_min"] = float(np.min(values))
-            metrics[f"local_{key}_max"] = float(np.max(values))
-        set_federated_state(self.model, global_state)
-        return metrics
-
-    @staticmethod
-    def _limit(dataset: Dataset, limit: Optional[int]) -> Dataset:
-        return dataset if limit is None or dataset.num_rows <= limit else dataset.select(range(limit))
-
-    def _score(self, dataset: Dataset) -> dict[str, float]:
-        return self.task.evaluate(self.model, dataset, batch_size=self.args.eval_batch_size)
+        """Global adapter on the global test set, each client's personalized adapter on its local test set
+        ([`~fcmoe_hf.simulation.evaluation.evaluate_federation`])."""
+        return evaluate_federation(self, global_state)
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
 

@@ -135,3 +135,20 @@ def merge_round_metrics(
     out.update(expert_usage(counts, global_expert_sizes(global_state)))
     out.update(communication(update_dirs, global_state))
     return out
+
+
+def first_rows(dataset: Any, limit: Optional[int]) -> Any:
+    """The first `limit` rows of a `datasets.Dataset` (all of them when `limit` is None or not smaller)."""
+    return dataset if limit is None or dataset.num_rows <= limit else dataset.select(range(limit))
+
+
+def local_summary(per_metric: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """`local_<metric>_mean` / `_min` / `_max` over the clients' local scores of each metric."""
+    out: dict[str, float] = {}
+    for key, values in per_metric.items():
+        values = [float(v) for v in values]
+        out[f"local_{key}_mean"] = sum(values) / len(values)
+        out[f"local_{key}_min"] = min(values)
+        out[f"local_{key}_max"] = max(values)
+    return out
+
