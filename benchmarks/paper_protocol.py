@@ -93,19 +93,22 @@ ATTACKS: dict[str, tuple[str, str]] = {
     "inflate_counts_x1e6": ("client_7", "claims 10**6 x its activation counts and num_samples"),
 }
 
-#: The server's default defences switched off (the static checks on update metadata stay on).
-DEFENCES_OFF: dict[str, Any] = {"norm_bound_factor": None, "enforce_bounds": False}
+#: The server's defences: "on" the defaults (counts beyond the round's bounds capped), "reject" the defaults but such
+#: an update rejected, "off" no norm bound and no round bounds (the static checks on update metadata stay on).
+DEFENCES: dict[str, dict[str, Any]] = {
+    "on": {}, "reject": {"bounds_action": "reject"}, "off": {"norm_bound_factor": None, "enforce_bounds": False},
+}
 
 
 def cell_key(protocol: Protocol, method: str, alpha: float, seed: int, attack: Optional[str] = None,
-             defences: bool = True) -> str:
+             defences: str = "on") -> str:
     """A cell's identity: the method, alpha and seed under one exact protocol (any field changed is a new cell), and
     the attack scenario with the defences on or off when there is one."""
     key = f"{protocol.model}/{protocol.task}/{method}/alpha={alpha:g}/seed={seed}/protocol={protocol_id(protocol)}"
     if attack is not None:
-        key += f"/attack={attack}/defences={'on' if defences else 'off'}"
-    elif not defences:
-        key += "/defences=off"
+        key += f"/attack={attack}/defences={defences}"
+    elif defences != "on":
+        key += f"/defences={defences}"
     return key
 
 
@@ -205,7 +208,7 @@ def _compact(history: list[dict[str, Any]], client_ids: list[str]) -> list[dict[
     return rounds
 
 
-def _federated(protocol, method, alpha, seed, workdir, attack=None, defences=True) -> list[dict[str, Any]]:
+def _federated(protocol, method, alpha, seed, workdir, attack=None, defences="on") -> list[dict[str, Any]]:
     from fcmoe_hf.tasks import build_task
 
     splits = _splits(protocol, alpha, seed)
@@ -215,8 +218,7 @@ def _federated(protocol, method, alpha, seed, workdir, attack=None, defences=Tru
     config = dict(overrides)
     if aggregator == "fcmoe" and config.get("use_retention", True):
         config["retention_lambda"] = protocol.retention_lambda
-    if not defences:
-        config.update(DEFENCES_OFF)
+    config.update(DEFENCES[defences])
     simulation = _simulation(protocol, model, tokenizer, splits, task, aggregator, config or None, seed, workdir / "run")
     if attack is not None:
         simulation.update_transform = _attack_transform(attack)
@@ -318,14 +320,14 @@ def _flower(protocol, method, alpha, seed, workdir) -> list[dict[str, Any]]:
 
 
 def run_cell(protocol: Protocol, method: str, alpha: float, seed: int, attack: Optional[str] = None,
-             defences: bool = True) -> dict[str, Any]:
+             defences: str = "on") -> dict[str, Any]:
     """Run one cell and return its record."""
-    if (attack is not None or not defences) and method in ("local", "centralized"):
+    if (attack is not None or defences != "on") and method in ("local", "centralized"):
         raise ValueError(f"attacks and defences apply to federated methods, not {method!r}")
     workdir = Path(tempfile.mkdtemp(prefix="paper_protocol_"))
     started = time.perf_counter()
     try:
-        if attack is not None or not defences:
+        if attack is not None or defences != "on":
             rounds = _federated(protocol, method, alpha, seed, workdir, attack, defences)
         elif method.startswith("flwr_"):
             rounds = _flower(protocol, method, alpha, seed, workdir)
@@ -337,7 +339,7 @@ def run_cell(protocol: Protocol, method: str, alpha: float, seed: int, attack: O
             rounds = _federated(protocol, method, alpha, seed, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    extra = {"attack": attack, "defences": defences} if attack is not None or not defences else {}
+    extra = {"attack": attack, "defences": defences} if attack is not None or defences != "on" else {}
     return {
         "kind": "attack_cell" if extra else "cell", "key": cell_key(protocol, method, alpha, seed, attack, defences),
         "method": method, "alpha": alpha, "seed": seed, **extra,
@@ -350,7 +352,7 @@ def run_cell(protocol: Protocol, method: str, alpha: float, seed: int, attack: O
 
 
 def run_grid(protocol: Protocol, methods, alphas, seeds, results: Path, shard: tuple[int, int] = (0, 1),
-             attack: Optional[str] = None, defences: bool = True) -> None:
+             attack: Optional[str] = None, defences: str = "on") -> None:
     """Run every unfinished cell (alphas outermost); with `shard=(i, n)`, only cells i, i + n, i + 2n, ... of the grid,
     so that n processes (one thread each) share a machine's cores and one raw file."""
     index, count = shard
@@ -399,7 +401,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--report-dir", type=Path, default=None, help="where --report writes (default: beside --results)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--attack", default=None, choices=list(ATTACKS), help="one client of ten attacks every round")
-    parser.add_argument("--defences", default="on", choices=["on", "off"], help="the server's default defences")
+    parser.add_argument("--defences", default="on", choices=list(DEFENCES), help="the server's defences (see DEFENCES)")
     parser.add_argument("--shard", default="0/1", help="i/n: run cells i, i+n, ... (n processes share one raw file)")
     for field in dataclasses.fields(Protocol):
         kind = {int: int, float: float}.get(type(field.default), str)
@@ -430,7 +432,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
         parser.error(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}")
     run_grid(protocol, args.methods.split(","), [float(a) for a in args.alphas.split(",")],
-             [int(s) for s in args.seeds.split(",")], args.results, shard, args.attack, args.defences == "on")
+             [int(s) for s in args.seeds.split(",")], args.results, shard, args.attack, args.defences)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,13 @@ def _final(cell_records, key):
 
 #: attack scenario -> the attacking client (as `paper_protocol.ATTACKS`, repeated so the report needs no torch import).
 ATTACKERS = {"sign_flip_x100": "client_3", "inflate_counts_x1e6": "client_7"}
+#: `paper_protocol.DEFENCES` in table order: the defaults, the defaults rejecting out-of-bounds counts, none.
+DEFENCE_ORDER = ["on", "reject", "off"]
+
+
+def last3(record: dict) -> float:
+    """A cell's global accuracy averaged over its last three rounds (less noisy than the final round alone)."""
+    return float(np.mean([r["global_accuracy"] for r in record["rounds"][-3:]]))
 
 
 def write_report(results: Path, out_dir: Path) -> Path:
@@ -113,7 +120,7 @@ def _write_report(results: Path, out_dir: Path) -> Path:
               "|---|" + "---|" * (2 * len(alphas))]
     lines += _method_rows(cells, alphas, lambda recs: [
         _mean_std(_final(recs, "global_accuracy")),
-        _mean_std([float(np.mean([r["global_accuracy"] for r in rec["rounds"][-3:]])) for rec in recs])])
+        _mean_std([last3(rec) for rec in recs])])
 
     lines += ["", "## Table II analogue: ablations (global / mean local accuracy, %)", "",
               "| method | " + " | ".join(f"α={a:g} global | α={a:g} local" for a in alphas) + " |",
@@ -174,17 +181,19 @@ def _write_report(results: Path, out_dir: Path) -> Path:
     attacked = [r for r in records if r.get("kind") == "attack_cell" and r["protocol"] == grid_protocol]
     if attacked:
         lines += ["", "## Attacks: one client of ten attacks every round (final global accuracy, %)", "",
-                  "| method | α | seed | attack | defences | clean | attacked | cost (points) | rounds attacker rejected |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for rec in sorted(attacked, key=lambda r: (r["method"], r["alpha"], r["seed"], r["attack"], not r["defences"])):
+                  "| method | α | seed | attack | defences | clean | attacked | cost (points) | last-3 cost | rounds attacker rejected / capped |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for rec in sorted(attacked, key=lambda r: (r["method"], r["alpha"], r["seed"], r["attack"], DEFENCE_ORDER.index(r["defences"]))):
             clean = [c for c in grid if (c["method"], c["alpha"], c["seed"]) == (rec["method"], rec["alpha"], rec["seed"])]
             after = rec["rounds"][-1]["global_accuracy"]
             before = clean[0]["rounds"][-1]["global_accuracy"] if clean else float("nan")
             attacker = ATTACKERS.get(rec["attack"], "")
             hits = sum(attacker in json.dumps(r.get("rejected", [])) for r in rec["rounds"])
+            caps = sum(attacker in json.dumps(r.get("capped", [])) for r in rec["rounds"])
+            tail = last3(clean[0]) - last3(rec) if clean else float("nan")
             lines.append(f"| {rec['method']} | {rec['alpha']:g} | {rec['seed']} | {rec['attack']} | "
-                         f"{'on' if rec['defences'] else 'off'} | {100 * before:.1f} | {100 * after:.1f} | "
-                         f"{100 * (before - after):+.1f} | {hits} of {len(rec['rounds'])} |")
+                         f"{rec['defences']} | {100 * before:.1f} | {100 * after:.1f} | "
+                         f"{100 * (before - after):+.1f} | {100 * tail:+.1f} | {hits} / {caps} of {len(rec['rounds'])} |")
     if other:
         lines += ["", "## Cells of other protocols (final round)", "",
                   "| method | α | seed | protocol differences | global acc | local acc mean |", "|---|---|---|---|---|---|"]

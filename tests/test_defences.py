@@ -18,6 +18,7 @@ from fcmoe_hf.federated import (
 )
 from fcmoe_hf.federated.aggregators import AGGREGATORS
 from fcmoe_hf.federated.attacks import attack_clients, inflate_counts, scale_update, sign_flip_update, spoof_id
+from fcmoe_hf.federated.bounds import cap_counts
 from fcmoe_hf.federated.functional.importance import capped_norms
 
 GROUP = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -131,28 +132,66 @@ def test_activation_counts_must_be_whole_and_bounded():
 # -- bounds the server can verify ------------------------------------------------------------------------------------
 
 
-def test_num_samples_above_the_assigned_partition_is_rejected():
+def test_num_samples_above_the_assigned_partition_is_capped_or_rejected():
     theta, updates = make_round()
     liar = inflate_counts(updates[2], factor=1, num_samples=10**12)
     received = [*updates[:2], liar, *updates[3:]]
     undefended = build_aggregator("fedavg", enforce_bounds=False).aggregate(theta, received, bounds_for(updates))
     assert undefended.rejected == []  # 10**12 < 2**53: only the server's knowledge of the partition catches it
     torch.testing.assert_close(step(undefended, theta), step(build_aggregator("fedavg").aggregate(theta, [liar]), theta))
+    # Default: the claim is capped to the partition the server assigned (its true size here): the honest merge.
     result = build_aggregator("fedavg").aggregate(theta, received, bounds_for(updates))
-    assert [(r.client_id, r.reason) for r in result.rejected] == [
+    assert result.rejected == [] and result.summary()["num_capped"] == 1
+    assert [(c.client_id, c.reason) for c in result.capped] == [
+        ("c2", "num_samples 1000000000000 capped to the assigned partition size 12")
+    ]
+    assert_same_merge(result, build_aggregator("fedavg").aggregate(theta, updates))
+    rejecting = build_aggregator("fedavg", bounds_action="reject").aggregate(theta, received, bounds_for(updates))
+    assert [(r.client_id, r.reason) for r in rejecting.rejected] == [
         ("c2", "num_samples 1000000000000 exceeds the client's assigned partition size 12")
     ]
-    assert_same_merge(result, build_aggregator("fedavg").aggregate(theta, updates[:2] + updates[3:]))
+    assert_same_merge(rejecting, build_aggregator("fedavg").aggregate(theta, updates[:2] + updates[3:]))
 
 
 @pytest.mark.parametrize("name", ["fcmoe", "fedalign_moe", "fedmoe", "fedmedian"])
-def test_inflated_activation_counts_are_rejected(name):
+def test_inflated_activation_counts_are_capped_or_rejected(name):
     theta, updates = make_round()
     liar = inflate_counts(updates[1], factor=1e6, num_samples=updates[1].num_samples)
-    result = build_aggregator(name).aggregate(theta, [updates[0], liar, *updates[2:]], bounds_for(updates))
-    assert [r.client_id for r in result.rejected] == ["c1"]
-    assert "max_activations_per_sample" in result.rejected[0].reason
-    assert_same_merge(result, build_aggregator(name).aggregate(theta, [updates[0], *updates[2:]]))
+    received = [updates[0], liar, *updates[2:]]
+    result = build_aggregator(name).aggregate(theta, received, bounds_for(updates))
+    assert result.rejected == [] and [c.client_id for c in result.capped] == ["c1"]
+    # Capped to the typical rate of the others (median of 6/10, 8/12, 9/13, 10/14 activations per sample), shape kept.
+    rate = float(torch.tensor([6 / 10, 8 / 12, 9 / 13, 10 / 14], dtype=torch.float64).median())
+    assert f"activation_counts['{GROUP}'] scaled from 7e+06 to 7 in total" in result.capped[0].reason
+    assert f"median {rate:.6g} activations per sample" in result.capped[0].reason
+    honest = build_aggregator(name).aggregate(theta, updates, bounds_for(updates))
+    assert honest.capped == []
+    if name != "fedmedian":  # the median has no weights
+        weights, reference = result.expert_weights[GROUP][1], honest.expert_weights[GROUP][1]
+        off = build_aggregator(name, enforce_bounds=False).aggregate(theta, received, bounds_for(updates))
+        if name == "fcmoe":  # FedAlign-MoE normalises counts per client, FedMoE weighs by samples: only f buys weight
+            assert float(off.expert_weights[GROUP][1].max()) > 0.99  # unchecked, the lie buys the whole weight
+        assert torch.allclose(weights, reference, rtol=0.15)  # capped, it buys nothing beyond a typical client's
+    rejecting = build_aggregator(name, bounds_action="reject").aggregate(theta, received, bounds_for(updates))
+    assert [r.client_id for r in rejecting.rejected] == ["c1"]
+    assert "max_activations_per_sample" in rejecting.rejected[0].reason
+    assert_same_merge(rejecting, build_aggregator(name).aggregate(theta, [updates[0], *updates[2:]]))
+
+
+def test_cap_counts_keeps_honest_updates_and_bounds_every_expert():
+    bounds = UpdateBounds(clients={"a": ClientExpectation(10), "b": ClientExpectation(10), "c": ClientExpectation(10)},
+                          max_activations_per_sample=16.0, top_k=2)
+    honest = ClientUpdate("a", 10, {}, activation_counts={GROUP: torch.tensor([40.0, 40.0, 0.0])})
+    greedy = ClientUpdate("b", 10, {}, activation_counts={GROUP: torch.tensor([1e9, 0.0, 0.0])})
+    stretched = ClientUpdate("c", 10**6, {}, activation_counts={GROUP: torch.tensor([90.0, 0.0, 0.0])})
+    out, capped = cap_counts([honest, greedy, stretched], bounds)
+    assert out[0] is honest and [c.client_id for c in capped] == ["b", "c"]
+    assert out[1].activation_counts[GROUP].tolist() == [80.0, 0.0, 0.0]  # median rate 8 x 10 samples, within 80
+    assert out[2].num_samples == 10 and out[2].activation_counts[GROUP].tolist() == [80.0, 0.0, 0.0]  # one expert <= 80
+    assert out[1].deltas is greedy.deltas and greedy.activation_counts[GROUP][0] == 1e9  # inputs untouched
+    # Nobody within bounds: the bound itself is the rate.
+    (alone,), _ = cap_counts([greedy], bounds)
+    assert alone.activation_counts[GROUP].tolist() == [80.0, 0.0, 0.0]
 
 
 def test_bounds_reject_one_expert_beyond_its_tokens_and_pass_honest_counts():
@@ -193,13 +232,19 @@ def test_sign_flipped_x100_takes_over_with_the_defences_off(name):
     assert clipped.rejected == [] and clipped.update_scales["c3"] < 0.11
 
 
-def test_x3_sign_flip_with_inflated_counts_gets_no_weight():
+def test_inflating_counts_buys_an_x3_sign_flip_no_weight():
     theta, updates = make_round()
-    attacker = inflate_counts(sign_flip_update(updates[3], 3.0), factor=1e6, num_samples=updates[3].num_samples)
+    flipped = sign_flip_update(updates[3], 3.0)
+    attacker = inflate_counts(flipped, factor=1e6, num_samples=updates[3].num_samples)
     attacked = [*updates[:3], attacker, updates[4]]
     off = build_aggregator("fcmoe", enforce_bounds=False).aggregate(theta, attacked, bounds_for(updates))
     assert float(off.expert_weights[GROUP][3].min()) > 0.99  # the issue: weight 1.0 on every expert
-    result = build_aggregator("fcmoe").aggregate(theta, attacked, bounds_for(updates))
+    capped = build_aggregator("fcmoe").aggregate(theta, attacked, bounds_for(updates))
+    plain = build_aggregator("fcmoe").aggregate(theta, [*updates[:3], flipped, updates[4]], bounds_for(updates))
+    assert [c.client_id for c in capped.capped] == ["c3"] and plain.capped == []
+    # No more weight than the same x3 flip with its true counts (its rate is above the median; counts round down).
+    assert bool((capped.expert_weights[GROUP][3] <= plain.expert_weights[GROUP][3]).all())
+    result = build_aggregator("fcmoe", bounds_action="reject").aggregate(theta, attacked, bounds_for(updates))
     assert [r.client_id for r in result.rejected] == ["c3"]
     assert_same_merge(result, build_aggregator("fcmoe").aggregate(theta, updates[:3] + updates[4:]))
 

@@ -97,15 +97,17 @@ def test_a_reply_is_bound_to_the_client_id_its_node_is_pinned_to():
     assert s.node_clients == {11: "client_0", 14: "client_1"} and s.last_result.client_ids == ["client_0", "client_1"]
 
 
-def test_server_known_bounds_reject_unassigned_ids_and_inflated_counts():
+def test_server_known_bounds_reject_unassigned_ids_and_cap_inflated_counts():
     s, grid = strategy(sizes={"client_0": 10, "client_1": 10}), FakeGrid([1, 2, 3, 4])
     run_round(s, grid, 1, {
         1: update("client_0"), 2: update("client_1", num_samples=11), 3: update("client_7"),
         4: update("client_0", activations=10**6),
     })
     reasons = rejected(s)
-    assert s.last_result.client_ids == ["client_0"]
-    assert "num_samples 11 exceeds the client's assigned partition size 10" in reasons["client_1"]
+    assert s.last_result.client_ids == ["client_0", "client_1"]  # client_1's claim capped (bounds_action="cap")
+    assert [(c.client_id, c.reason) for c in s.last_result.capped] == [
+        ("client_1", "num_samples 11 capped to the assigned partition size 10")
+    ]
     assert "'client_7' was not assigned" in reasons["client_7"]
     assert "but was received from 'node 4'" in reasons["node 4"]  # client_0 is node 1's
     assert s.node_clients == {1: "client_0", 2: "client_1"}  # an unknown id pins nothing

@@ -67,7 +67,7 @@ def test_attack_cell_rejects_the_attacker_with_defences_on_and_is_reported(tmp_p
     assert "client_3" not in json.dumps(off["rounds"][0]["rejected"])
     paper_protocol.main(["--report", "--results", str(results), "--report-dir", str(tmp_path / "report")])
     report = (tmp_path / "report" / "paper_protocol.md").read_text()
-    assert "| fedavg | 1 | 0 | sign_flip_x100 | on |" in report and "| 1 of 1 |" in report
+    assert "| fedavg | 1 | 0 | sign_flip_x100 | on |" in report and "| 1 / 0 of 1 |" in report
 
 
 def test_rounds_to_reach_is_the_first_round_at_the_target():

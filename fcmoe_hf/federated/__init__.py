@@ -50,7 +50,7 @@ from .aggregators import (
     build_aggregator,
     register_aggregator,
 )
-from .bounds import ClientExpectation, UpdateBounds
+from .bounds import CappedUpdate, ClientExpectation, UpdateBounds
 from .client_config import ClientConfig
 from .functional.retention import retained_start
 from .update import ClientUpdate
@@ -61,6 +61,7 @@ __all__ = [
     "Aggregator",
     "AggregatorConfig",
     "ClientConfig",
+    "CappedUpdate",
     "ClientExpectation",
     "ClientUpdate",
     "FCMoEAggregator",

@@ -8,8 +8,11 @@ layers of checks bound them:
   [`MAX_COUNT`] (`2**53`, the largest integer float64 holds exactly, so weights never overflow);
 - round checks, when the transport knows more ([`UpdateBounds`]): the ids it assigned to the round, each client's
   partition size, and how many expert activations one sample can produce in local training (tokens per sample x
-  passes over the data x `top_k`). A number beyond a bound the server can verify is proof of a broken or lying client:
-  the update is *rejected*, not capped (a capped liar would still be merged).
+  passes over the data x `top_k`). An id outside the round is always rejected. A count beyond a verifiable bound is,
+  by default, *capped* ([`cap_counts`]): `num_samples` to the assigned partition size, and the activation counts to
+  what a typical client of the round reports per sample, so the lie buys no weight while the client's deltas (honest
+  data, possibly) still count; the deltas themselves face the norm bound like any other. `bounds_action="reject"`
+  leaves such a client out instead, which also drops whatever honest data it trained on.
 
 The simulation ([`~fcmoe_hf.simulation.FederatedSimulation`]) and a Flower strategy build an [`UpdateBounds`] per
 round and pass it to [`~fcmoe_hf.federated.Aggregator.aggregate`].
@@ -17,12 +20,19 @@ round and pass it to [`~fcmoe_hf.federated.Aggregator.aggregate`].
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from .update import ClientUpdate
+
+logger = logging.getLogger(__name__)
 
 #: Largest sample or activation count accepted anywhere (`2**53`: exact in float64, the dtype weights are computed in).
 MAX_COUNT = 2**53
@@ -142,17 +152,35 @@ class UpdateBounds:
         clients = {cid: ClientExpectation(max_num_samples=size) for cid, size in partition_sizes.items()}
         return cls(clients=clients, max_activations_per_sample=per_sample, top_k=top_k)
 
+    def assignment_problem(self, client_id: str) -> Optional[str]:
+        """`None` if `client_id` was assigned to this round (or ids are not known), else the reason."""
+        if self.clients is not None and client_id not in self.clients:
+            return f"client_id {client_id!r} was not assigned to this round"
+        return None
+
+    def assignment_only(self) -> UpdateBounds:
+        """These bounds without the count limits: only the round's ids are checked."""
+        clients = None if self.clients is None else {cid: ClientExpectation() for cid in self.clients}
+        return UpdateBounds(clients=clients)
+
+    def max_num_samples(self, client_id: str) -> Optional[int]:
+        """The partition size the server assigned to `client_id` (`None`: unknown)."""
+        expectation = None if self.clients is None else self.clients.get(client_id)
+        return None if expectation is None else expectation.max_num_samples
+
     def check(self, client_id: str, num_samples: int, activation_counts: Mapping[str, torch.Tensor]) -> Optional[str]:
         """`None` if a (structurally valid) update is within these bounds, else the reason naming the field."""
+        problem = self.assignment_problem(client_id)
+        if problem is not None:
+            return problem
         if self.clients is not None:
-            if client_id not in self.clients:
-                return f"client_id {client_id!r} was not assigned to this round"
-            limit = self.clients[client_id].max_num_samples
+            limit = self.max_num_samples(client_id)
             if limit is not None and num_samples > limit:
                 return f"num_samples {num_samples} exceeds the client's assigned partition size {limit}"
-        if self.max_activations_per_sample is None:
+        limits = self.activation_limits(num_samples)
+        if limits is None:
             return None
-        total_limit = num_samples * self.max_activations_per_sample
+        total_limit, expert_limit = limits
         for group, counts in activation_counts.items():
             counts = counts.double()
             total = float(counts.sum())
@@ -161,12 +189,93 @@ class UpdateBounds:
                     f"activation_counts[{group!r}] sums to {total:.6g}, more than num_samples x "
                     f"max_activations_per_sample = {total_limit:.6g}"
                 )
-            if self.top_k is not None and counts.numel() and float(counts.max()) > total_limit / self.top_k:
+            if counts.numel() and float(counts.max()) > expert_limit:
                 return (
                     f"activation_counts[{group!r}] has an expert with {float(counts.max()):.6g} activations, more than "
-                    f"num_samples x max_activations_per_sample / top_k = {total_limit / self.top_k:.6g}"
+                    f"num_samples x max_activations_per_sample / top_k = {expert_limit:.6g}"
                 )
         return None
+
+    def activation_limits(self, num_samples: int) -> Optional[tuple[float, float]]:
+        """The most activations `num_samples` samples can produce in one expert group, in total and in one expert
+        (`None`: not bounded)."""
+        if self.max_activations_per_sample is None:
+            return None
+        total = num_samples * self.max_activations_per_sample
+        return total, total / (self.top_k or 1)
+
+
+@dataclass(frozen=True)
+class CappedUpdate:
+    """An update merged with self-reported counts brought within the round's bounds, and what was capped.
+
+    Args:
+        client_id (`str`): the client that sent it.
+        reason (`str`): what was capped, from what to what.
+    """
+
+    client_id: str
+    reason: str
+
+
+def _within(counts: torch.Tensor, limits: Optional[tuple[float, float]]) -> bool:
+    return limits is None or (float(counts.sum()) <= limits[0] and (not counts.numel() or float(counts.max()) <= limits[1]))
+
+
+def cap_counts(updates: Sequence[ClientUpdate], bounds: UpdateBounds) -> tuple[list[ClientUpdate], list[CappedUpdate]]:
+    """`updates` (order kept) with the self-reported counts that break `bounds` brought within them.
+
+    - `num_samples` above the client's assigned partition size becomes that size (the server knows it exactly).
+    - A group's activation counts beyond what its `num_samples` samples can produce (in total, or in one expert) are
+      scaled, keeping their shape over the experts, to the *typical* rate of the round: the median, over the clients
+      within bounds in that group, of activations per sample (the bound itself if none is) times the client's
+      `num_samples`, rounded down and each expert clamped at its bound. A client caught inflating its counts thus gets
+      the weight of a typical client of its size, never more, whatever it claimed.
+
+    Deltas are untouched (the norm bound judges them), and so is every update within bounds. Ids are not checked here
+    (see [`UpdateBounds.assignment_problem`]). Each capped update is logged (WARNING) and listed as a [`CappedUpdate`].
+    """
+    samples: list[int] = []
+    notes: list[list[str]] = [[] for _ in updates]
+    for i, update in enumerate(updates):
+        n, limit = update.num_samples, bounds.max_num_samples(update.client_id)
+        if limit is not None and n > limit:
+            notes[i].append(f"num_samples {n} capped to the assigned partition size {limit}")
+            n = limit
+        samples.append(n)
+    counts = [dict(update.activation_counts) for update in updates]
+    for group in sorted({g for update in updates for g in update.activation_counts}):
+        rates: list[float] = []
+        over: list[int] = []
+        for i in range(len(updates)):
+            if group in counts[i]:
+                values = counts[i][group].double()
+                if _within(values, bounds.activation_limits(samples[i])):
+                    rates.append(float(values.sum()) / max(samples[i], 1))
+                else:
+                    over.append(i)
+        if not over:
+            continue
+        rate = float(torch.tensor(rates, dtype=torch.float64).median()) if rates else bounds.max_activations_per_sample
+        for i in over:
+            values = counts[i][group].double()
+            total_limit, expert_limit = bounds.activation_limits(samples[i])
+            target = min(rate * samples[i], total_limit)
+            scaled = (values * (target / float(values.sum()))).floor().clamp(max=math.floor(expert_limit))
+            counts[i][group] = scaled.to(counts[i][group].dtype)
+            notes[i].append(
+                f"activation_counts[{group!r}] scaled from {float(values.sum()):.6g} to {float(scaled.sum()):.6g} in "
+                f"total (the round's median {rate:.6g} activations per sample)"
+            )
+    out: list[ClientUpdate] = []
+    capped: list[CappedUpdate] = []
+    for i, update in enumerate(updates):
+        if notes[i]:
+            update = dataclasses.replace(update, num_samples=samples[i], activation_counts=counts[i])
+            capped.append(CappedUpdate(update.client_id, "; ".join(notes[i])))
+            logger.warning("Capped the counts of client %r: %s", update.client_id, capped[-1].reason)
+        out.append(update)
+    return out, capped
 
 
 def local_passes(training_args: Any, partition_sizes: Mapping[str, int], num_processes: int = 1) -> float:

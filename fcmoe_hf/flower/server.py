@@ -39,7 +39,7 @@ from ..simulation.checkpoints import CheckpointStore
 from ..simulation.lock import RunLock
 from ..simulation.outputs import checkpoint_files, write_outputs
 from ..simulation.resume import check_resume_config, run_config
-from ..simulation.round_metrics import cosine_quantiles, expert_usage, first_rows
+from ..simulation.round_metrics import cosine_quantiles, expert_usage, first_rows, merge_outcome
 from ..trainer import get_federated_state, set_federated_state
 from .client import local_training_arguments, make_client_app
 from .components import ComponentsBuilder, FederationComponents, resolve_builder
@@ -267,7 +267,7 @@ class FlowerServer:
             result, updates = strategy.last_result, strategy.last_updates
             metrics.update({f"server_{k}": v for k, v in result.summary().items()})
             metrics["conflict_share"] = metrics.pop("server_conflict_share", float("nan"))
-            metrics["rejected"] = [{"client_id": r.client_id, "reason": r.reason} for r in result.rejected]
+            metrics.update(merge_outcome(result))
             quantiles = cosine_quantiles(result.diagnostics)
             if quantiles is not None:
                 metrics["cosine_quantiles"] = quantiles

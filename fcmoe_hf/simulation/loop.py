@@ -56,7 +56,7 @@ from .lock import acquire_run_lock
 from .outputs import write_outputs
 from .progress import ClientProgress
 from .resume import check_resume_config, finished_message, referenced_rounds, restore_history, run_config
-from .round_metrics import merge_round_metrics
+from .round_metrics import merge_outcome, merge_round_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ class FederatedSimulation:
         metrics: dict[str, Any] = {f"server_{k}": v for k, v in result.summary().items()}
         metrics["num_processes"] = self.state.num_processes
         metrics["conflict_share"] = metrics.pop("server_conflict_share", float("nan"))
-        metrics["rejected"] = [{"client_id": r.client_id, "reason": r.reason} for r in result.rejected]
+        metrics.update(merge_outcome(result))
         metrics.update(round_metrics)
         for key, values in train_metrics.items():
             metrics[f"{key.removeprefix('last_')}_mean"] = float(np.mean(values))

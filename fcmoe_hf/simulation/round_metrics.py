@@ -152,3 +152,11 @@ def local_summary(per_metric: Mapping[str, Sequence[float]]) -> dict[str, float]
         out[f"local_{key}_max"] = max(values)
     return out
 
+
+def merge_outcome(result: Any) -> dict[str, list[dict[str, str]]]:
+    """The clients a merge ([`~fcmoe_hf.federated.AggregationResult`]) left out and those whose counts it capped,
+    with the reasons, as `metrics.jsonl` records them."""
+    return {
+        "rejected": [{"client_id": r.client_id, "reason": r.reason} for r in result.rejected],
+        "capped": [{"client_id": c.client_id, "reason": c.reason} for c in result.capped],
+    }

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-from ..bounds import UpdateBounds
+from ..bounds import CappedUpdate, UpdateBounds, cap_counts
 from ..client_config import ClientConfig
 from ..io.safetensors import LazySafetensors
 from ..io.stream import UpdateStream
@@ -69,9 +69,14 @@ class AggregatorConfig:
         norm_bound_action (`str`): `"reject"` (default: the update is left out, and the merge equals the merge
             without it; norms are tracked during the merge, so an honest round costs no extra read) or `"clip"` (the
             update is scaled down to the bound; costs one extra read of every update, like `clip_update_norm`).
-        enforce_bounds (`bool`): reject updates outside the [`~fcmoe_hf.federated.UpdateBounds`] the transport
-            passes to `aggregate` (unknown ids, `num_samples` above the assigned partition, impossible activation
-            counts). `False` ignores them (for comparisons with the defences off); the static checks stay on.
+        enforce_bounds (`bool`): enforce the [`~fcmoe_hf.federated.UpdateBounds`] the transport passes to `aggregate`
+            (assigned ids, `num_samples` up to the assigned partition, possible activation counts). `False` ignores
+            them (for comparisons with the defences off); the static checks stay on.
+        bounds_action (`str`): what happens to an update whose self-reported counts break the bounds. `"cap"`
+            (default): they are capped ([`~fcmoe_hf.federated.bounds.cap_counts`]: `num_samples` to the partition
+            size, activation counts to the round's typical rate per sample), so the lie buys no weight while the
+            client's deltas still count (listed in `AggregationResult.capped`). `"reject"`: the update is left out,
+            its honest data too. An id not assigned to the round is rejected either way.
     """
 
     min_clients: int = field(
@@ -94,13 +99,19 @@ class AggregatorConfig:
         default="reject", metadata={"help": "What the relative norm bound does.", "choices": ["reject", "clip"]}
     )
     enforce_bounds: bool = field(
-        default=True, metadata={"help": "Reject updates outside the round's UpdateBounds (assigned ids, partition sizes, activation counts)."}
+        default=True, metadata={"help": "Enforce the round's UpdateBounds (assigned ids, partition sizes, activation counts)."}
+    )
+    bounds_action: str = field(
+        default="cap",
+        metadata={"help": "What a count beyond the round's bounds gets: capped to it, or the update rejected.", "choices": ["cap", "reject"]},
     )
 
     def __post_init__(self):
         self._check_types()
         if self.norm_bound_action not in ("reject", "clip"):
             raise ValueError(f"norm_bound_action must be 'reject' or 'clip', got {self.norm_bound_action!r}.")
+        if self.bounds_action not in ("cap", "reject"):
+            raise ValueError(f"bounds_action must be 'cap' or 'reject', got {self.bounds_action!r}.")
         factor = self.norm_bound_factor
         if factor is not None and not (isinstance(factor, (int, float)) and factor >= 1 and math.isfinite(factor)):
             raise ValueError(f"norm_bound_factor must be a finite number >= 1 or None, got {factor!r}.")
@@ -227,9 +238,14 @@ class Aggregator:
         relative = cfg.norm_bound_factor
         with torch.no_grad():
             check_global_state(global_state)
+            enforced = bounds if cfg.enforce_bounds else None
+            capping = enforced is not None and cfg.bounds_action == "cap"
             valid, rejected = validate_updates(
-                updates, global_state, check_values=False, bounds=bounds if cfg.enforce_bounds else None
+                updates, global_state, check_values=False, bounds=enforced.assignment_only() if capping else enforced
             )
+            capped: list[CappedUpdate] = []
+            if capping:
+                valid, capped = cap_counts(valid, enforced)
             require_min_clients(len(valid), rejected, cfg.min_clients)
             clip: Optional[list[float]] = None
             reference: Optional[float] = None  # the median norm the relative bound refers to, fixed once known
@@ -265,6 +281,7 @@ class Aggregator:
                 require_min_clients(len(valid), rejected, cfg.min_clients)
             self._commit_pending()
         result.rejected = rejected
+        result.capped = [c for c in capped if c.client_id in result.client_ids]
         scales = clip if clip is not None else [1.0] * len(valid)
         result.update_scales = {u.client_id: float(c) for u, c in zip(valid, scales, strict=True)}
         return result

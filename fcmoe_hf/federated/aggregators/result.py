@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from ..bounds import CappedUpdate
 from ..functional.consensus import ConsensusDiagnostics
 from ..functional.retention import retained_start, retention_coefficients
 from ..io.safetensors import LazySafetensors
@@ -73,6 +74,8 @@ class AggregationResult:
             (empty when no projection ran).
         expert_weights (`dict[str, torch.Tensor]`): per expert group, the `(K, E)` effective merge weights.
         rejected (`list[RejectedUpdate]`): the updates left out, with reasons.
+        capped (`list[CappedUpdate]`): the merged updates whose self-reported counts were capped to the round's
+            bounds, with what was capped (`bounds_action="cap"`).
         update_scales (`dict[str, float]`): per merged client, the factor its update was scaled by before merging
             (its norm clip; 1.0 when not clipped). A client's residual is that of its scaled update: pass it as
             `scale` to [`~fcmoe_hf.federated.retained_start`].
@@ -88,6 +91,7 @@ class AggregationResult:
     diagnostics: dict[str, ConsensusDiagnostics] = field(default_factory=dict)
     expert_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     rejected: list[RejectedUpdate] = field(default_factory=list)
+    capped: list[CappedUpdate] = field(default_factory=list)
     update_scales: dict[str, float] = field(default_factory=dict)
     previous_state: Optional[Mapping[str, torch.Tensor]] = field(default=None, repr=False)
 
@@ -132,7 +136,8 @@ class AggregationResult:
 
     def summary(self) -> dict[str, float]:
         """Scalar metrics of the round for logs: clients, rejections, active experts, conflict statistics."""
-        out: dict[str, float] = {"num_clients": float(len(self.client_ids)), "num_rejected": float(len(self.rejected))}
+        out: dict[str, float] = {"num_clients": float(len(self.client_ids)), "num_rejected": float(len(self.rejected)),
+                                  "num_capped": float(len(self.capped))}
         if self.expert_weights:
             active = torch.cat([(w > 0).any(dim=0) for w in self.expert_weights.values()])
             out["active_expert_share"] = float(active.double().mean())
