@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from paper_cells import ATTACKS, DEFENCES  # paper_cells imports no torch at module level
 
 TABLE_METHODS = ["fedavg", "fedprox", "fedmoe", "pfl_moe", "fedalign_moe", "fcmoe", "local", "centralized",
                  "flwr_fedavg", "flwr_fedprox", "flwr_fedadam"]
@@ -62,10 +63,10 @@ def _final(cell_records, key):
     return [r["rounds"][-1].get(key) for r in cell_records]
 
 
-#: attack scenario -> the attacking client (as `paper_protocol.ATTACKS`, repeated so the report needs no torch import).
-ATTACKERS = {"sign_flip_x100": "client_3", "inflate_counts_x1e6": "client_7"}
-#: `paper_protocol.DEFENCES` in table order: the defaults, the defaults rejecting out-of-bounds counts, none.
-DEFENCE_ORDER = ["on", "reject", "off"]
+#: attack scenario -> the attacking client.
+ATTACKERS = {scenario: client for scenario, (client, _) in ATTACKS.items()}
+#: The defence settings in table order: the defaults, the defaults rejecting out-of-bounds counts, none.
+DEFENCE_ORDER = list(DEFENCES)
 
 
 def last3(record: dict) -> float:
@@ -212,31 +213,49 @@ def _write_report(results: Path, out_dir: Path) -> Path:
 
 
 def _plots(cells, alphas, out_dir: Path) -> None:
+    """Per alpha: global and mean local accuracy per round, the final local accuracy's spread over clients, and the
+    conflict share per round (each a mean over seeds); one figure per alpha."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not alphas:
-        return
-    alpha = min(alphas)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for (method, a), recs in sorted(cells.items()):
-        if a != alpha:
-            continue
-        curves = np.array([[r["global_accuracy"] for r in rec["rounds"]] for rec in recs])
-        rounds = np.arange(1, curves.shape[1] + 1)
-        axes[0].plot(rounds, curves.mean(0), label=method)
-        local = np.array([[r.get("local_accuracy_mean", np.nan) for r in rec["rounds"]] for rec in recs])
-        axes[1].plot(rounds, np.nanmean(local, 0), label=method)
-        shares = np.array([[r.get("conflict_share") if r.get("conflict_share") is not None else np.nan for r in rec["rounds"]] for rec in recs])
-        if np.isfinite(shares).any():
-            axes[2].plot(rounds, np.nanmean(shares, 0), label=method)
-    for ax, title in zip(axes, ("global accuracy", "mean local accuracy", "conflict share")):
-        ax.set_title(f"{title} per round (α={alpha:g}, mean over seeds)")
-        ax.set_xlabel("round")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"paper_protocol_alpha{alpha:g}.png", dpi=110)
-    plt.close(fig)
+    methods = sorted({method for method, _ in cells})
+    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    for alpha in alphas:
+        fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+        spread = []
+        for method in methods:
+            recs = cells.get((method, alpha))
+            if not recs:
+                continue
+            style = {"color": colours[method], "label": method, "linestyle": "--" if method.startswith("flwr_") else "-"}
+            width = min(len(rec["rounds"]) for rec in recs)
+
+            def per_round(key, recs=recs, width=width):
+                values = [[np.nan if r.get(key) is None else r[key] for r in rec["rounds"][:width]] for rec in recs]
+                return np.nanmean(np.array(values, dtype=float), 0) if np.isfinite(values).any() else None
+
+            rounds = np.arange(1, width + 1)
+            for ax, key in zip(axes[[0, 1, 3]], ("global_accuracy", "local_accuracy_mean", "conflict_share")):
+                curve = per_round(key)
+                if curve is not None:
+                    ax.plot(rounds, curve, **style)
+            finals = [rec["rounds"][-1] for rec in recs if "local_accuracy_mean" in rec["rounds"][-1]]
+            if finals:
+                spread.append((method, *(float(np.mean([f[k] for f in finals])) for k in
+                                         ("local_accuracy_mean", "local_accuracy_min", "local_accuracy_max"))))
+        for i, (method, mean, low, high) in enumerate(spread):
+            axes[2].errorbar([i], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=4, color=colours[method])
+        axes[2].set_xticks(range(len(spread)), [m for m, *_ in spread], rotation=60, ha="right", fontsize=7)
+        titles = ("global accuracy per round", "mean local accuracy per round",
+                  "final local accuracy: mean, min-max over clients", "conflict share per round")
+        for ax, title in zip(axes, titles):
+            ax.set_title(f"{title} (α={alpha:g})", fontsize=9)
+            if ax is not axes[2]:
+                ax.set_xlabel("round")
+        axes[0].legend(fontsize=6, ncol=2)
+        fig.suptitle(f"Paper protocol, α={alpha:g}, mean over the seeds run", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"paper_protocol_alpha{alpha:g}.png", dpi=100)
+        plt.close(fig)
