@@ -74,6 +74,36 @@ def last3(record: dict) -> float:
     return float(np.mean([r["global_accuracy"] for r in record["rounds"][-3:]]))
 
 
+#: (a, b, metric): the paired comparisons behind the paper's claims, `a - b` per seed.
+COMPARISONS = [
+    ("fcmoe", "fedavg", "global"), ("fcmoe", "fedmoe", "global"), ("fedmoe", "fedavg", "global"),
+    ("fcmoe", "fcmoe_no_projection", "global"), ("fcmoe", "fcmoe_no_retention", "global"),
+    ("fcmoe", "fcmoe_no_importance", "global"), ("fcmoe", "pfl_moe", "local"), ("fcmoe", "fedavg", "local"),
+]
+
+
+def _paired_differences(cells, alphas) -> list[str]:
+    """`a - b` per seed (same partition and training seed), final round and last-3 mean, in points: mean ± std (n)."""
+    lines = ["", "## Paired differences (points; a - b on the same seeds, mean ± std over seeds, n seeds)", "",
+             "| a - b | metric | " + " | ".join(f"α={x:g} final | α={x:g} last-3" for x in alphas) + " |",
+             "|---|---|" + "---|" * (2 * len(alphas))]
+    for a, b, metric in COMPARISONS:
+        row = [f"{a} - {b}", metric]
+        for alpha in alphas:
+            by_seed = {name: {r["seed"]: r for r in cells.get((name, alpha), [])} for name in (a, b)}
+            seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
+            if metric == "global":
+                pick = {"final": lambda r: r["rounds"][-1]["global_accuracy"], "last3": last3}
+            else:
+                pick = {"final": lambda r: r["rounds"][-1].get("local_accuracy_mean", np.nan),
+                        "last3": lambda r: float(np.mean([x.get("local_accuracy_mean", np.nan) for x in r["rounds"][-3:]]))}
+            for kind in ("final", "last3"):
+                diffs = [100 * (pick[kind](by_seed[a][s]) - pick[kind](by_seed[b][s])) for s in seeds]
+                row.append(f"{np.mean(diffs):+.1f} ± {np.std(diffs):.1f} ({len(diffs)})" if diffs else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def write_report(results: Path, out_dir: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean over methods without conflict statistics
@@ -122,6 +152,8 @@ def _write_report(results: Path, out_dir: Path) -> Path:
     lines += _method_rows(cells, alphas, lambda recs: [
         _mean_std(_final(recs, "global_accuracy")),
         _mean_std([last3(rec) for rec in recs])])
+
+    lines += _paired_differences(cells, alphas)
 
     lines += ["", "## Table II analogue: ablations (global / mean local accuracy, %)", "",
               "| method | " + " | ".join(f"α={a:g} global | α={a:g} local" for a in alphas) + " |",
