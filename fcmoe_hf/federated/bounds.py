@@ -244,6 +244,7 @@ def cap_counts(updates: Sequence[ClientUpdate], bounds: UpdateBounds) -> tuple[l
             n = limit
         samples.append(n)
     counts = [dict(update.activation_counts) for update in updates]
+    scaled_groups: list[list[str]] = [[] for _ in updates]  # one note per group; summarised below (a model has dozens)
     for group in sorted({g for update in updates for g in update.activation_counts}):
         rates: list[float] = []
         over: list[int] = []
@@ -263,10 +264,15 @@ def cap_counts(updates: Sequence[ClientUpdate], bounds: UpdateBounds) -> tuple[l
             target = min(rate * samples[i], total_limit)
             scaled = (values * (target / float(values.sum()))).floor().clamp(max=math.floor(expert_limit))
             counts[i][group] = scaled.to(counts[i][group].dtype)
-            notes[i].append(
-                f"activation_counts[{group!r}] scaled from {float(values.sum()):.6g} to {float(scaled.sum()):.6g} in "
-                f"total (the round's median {rate:.6g} activations per sample)"
+            scaled_groups[i].append(
+                f"[{group!r}] scaled from {float(values.sum()):.6g} to {float(scaled.sum()):.6g} in total (the round's "
+                f"median {rate:.6g} activations per sample)"
             )
+    for i, groups in enumerate(scaled_groups):
+        if len(groups) == 1:
+            notes[i].append(f"activation_counts{groups[0]}")
+        elif groups:
+            notes[i].append(f"activation_counts of {len(groups)} expert groups scaled to the round's median rate, the first: {groups[0]}")
     out: list[ClientUpdate] = []
     capped: list[CappedUpdate] = []
     for i, update in enumerate(updates):
