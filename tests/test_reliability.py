@@ -136,6 +136,18 @@ def test_resume_with_another_configuration_is_refused_naming_the_fields(run_copy
     assert simulation(run_copy, num_rounds=2, resume=True, allow_change=True, **change)._load_checkpoint()[0] == 1
 
 
+def test_an_aggregator_field_added_since_the_checkpoint_is_not_a_difference():
+    from fcmoe_hf.simulation.resume import config_differences
+
+    current = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5, "bounds_action": "cap"}}
+    older = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5}}  # written before bounds_action
+    assert config_differences(older, current) == []
+    changed = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5, "bounds_action": "reject"}}
+    assert config_differences(changed, current) == ["aggregator_config.bounds_action: 'reject' -> 'cap'"]
+    dropped = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5, "old_field": 1}}
+    assert config_differences(dropped, current) == ["aggregator_config.old_field: 1 -> '<absent>'"]
+
+
 def test_resume_extends_num_rounds_and_refuses_a_checkpoint_past_it(run_copy):
     history = simulation(run_copy, num_rounds=2, resume=True).run()  # num_rounds may grow
     assert [h["round"] for h in history] == [1, 2]

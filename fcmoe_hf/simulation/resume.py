@@ -65,14 +65,18 @@ def run_config(simulation: FederatedSimulation) -> dict[str, Any]:
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """`field: checkpoint value -> current value` for every field that differs (aggregator config keys as
-    `aggregator_config.<key>`)."""
+    `aggregator_config.<key>`).
+
+    An aggregator config field the checkpoint does not record at all was added by a later fcmoe_hf: it is not a
+    difference (upgrading the library must not strand a run), and [`check_resume_config`] logs it."""
     current = _jsonable(current)
     lines = []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
         if key == "aggregator_config" and isinstance(old, dict) and isinstance(new, dict):
-            lines += [f"aggregator_config.{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-                      for k in sorted(set(old) | set(new)) if old.get(k, "<absent>") != new.get(k, "<absent>")]
+            lines += [f"aggregator_config.{k}: {old.get(k, '<absent>')!r} -> {new[k]!r}" if k in new
+                      else f"aggregator_config.{k}: {old[k]!r} -> '<absent>'"
+                      for k in sorted(set(old) | set(new)) if k in old and old[k] != new.get(k, "<absent>")]
         elif old != new:
             lines.append(f"{key}: {old!r} -> {new!r}")
     return lines
@@ -103,6 +107,10 @@ def check_resume_config(simulation: FederatedSimulation, state: Mapping[str, Any
         logger.warning("%s predates recorded run configurations: only its aggregator is compared.", checkpoint)
     else:
         current = run_config(simulation)
+    added = sorted(set(current.get("aggregator_config") or {}) - set(saved.get("aggregator_config") or {}))
+    if added and isinstance(saved.get("aggregator_config"), dict):
+        logger.warning("%s does not record aggregator_config field(s) %s (added since it was written); resuming "
+                       "with their current values.", checkpoint, ", ".join(added))
     differences = config_differences(saved, current)
     if not differences:
         return
