@@ -136,15 +136,20 @@ def test_resume_with_another_configuration_is_refused_naming_the_fields(run_copy
     assert simulation(run_copy, num_rounds=2, resume=True, allow_change=True, **change)._load_checkpoint()[0] == 1
 
 
-def test_an_aggregator_field_added_since_the_checkpoint_is_not_a_difference():
+def test_an_aggregator_field_added_since_the_checkpoint_is_compared_with_the_behaviour_it_ran_with():
     from fcmoe_hf.simulation.resume import config_differences
 
-    current = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5, "bounds_action": "cap"}}
-    older = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5}}  # written before bounds_action
-    assert config_differences(older, current) == []
-    changed = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5, "bounds_action": "reject"}}
+    current = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5, "bounds_action": "cap", "new": 1}}
+    older = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5}}  # written before both fields
+    # `new` is not recorded and its default is taken to keep the old behaviour; bounds_action changed what runs.
+    assert config_differences(older, current) == [
+        "aggregator_config.bounds_action: 'reject' (not recorded: the behaviour then) -> 'cap'"
+    ]
+    rejecting = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5, "bounds_action": "reject", "new": 1}}
+    assert config_differences(older, rejecting) == []  # resumed with the behaviour it ran with
+    changed = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5, "bounds_action": "reject", "new": 1}}
     assert config_differences(changed, current) == ["aggregator_config.bounds_action: 'reject' -> 'cap'"]
-    dropped = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5, "old_field": 1}}
+    dropped = {"aggregator": "fcmoe", "aggregator_config": {"retention_lambda": 0.5, "bounds_action": "cap", "old_field": 1}}
     assert config_differences(dropped, current) == ["aggregator_config.old_field: 1 -> '<absent>'"]
 
 

@@ -86,7 +86,8 @@ class ClientExpectation:
 
     Args:
         max_num_samples (`int`, *optional*): the size of the data partition the server assigned to the client: a
-            larger `num_samples` is rejected. `None`: unknown (only the static bound applies).
+            larger `num_samples` breaks the bounds (capped or rejected, see `bounds_action`). `None`: unknown (only
+            the static bound applies).
     """
 
     max_num_samples: Optional[int] = None
@@ -107,9 +108,10 @@ class UpdateBounds:
             any other id is rejected. `None`: ids are not checked (beyond duplicates).
         max_activations_per_sample (`float`, *optional*): the most expert activations one training sample can produce
             in one expert group during a client's local training: `tokens per sample (max_length) x passes over the
-            data (epochs) x top_k`. A client's `sum(activation_counts[group])` above `num_samples x` this is rejected.
+            data (epochs) x top_k`. A client's `sum(activation_counts[group])` above `num_samples x` this breaks the
+            bounds (capped or rejected, see `bounds_action`).
         top_k (`int`, *optional*): experts per token. A token routes to an expert at most once per pass, so one
-            expert's count above `num_samples x max_activations_per_sample / top_k` is rejected too.
+            expert's count above `num_samples x max_activations_per_sample / top_k` breaks them too.
     """
 
     clients: Optional[Mapping[str, ClientExpectation]] = None
@@ -230,7 +232,13 @@ def cap_counts(updates: Sequence[ClientUpdate], bounds: UpdateBounds) -> tuple[l
       scaled, keeping their shape over the experts, to the *typical* rate of the round: the median, over the clients
       within bounds in that group, of activations per sample (the bound itself if none is) times the client's
       `num_samples`, rounded down and each expert clamped at its bound. A client caught inflating its counts thus gets
-      the weight of a typical client of its size, never more, whatever it claimed.
+      no more total activations than a typical client of its size, whatever it claimed.
+
+    What this does not cover: counts just under the bound are not capped (the bound leaves room for padding-free
+    texts and recomputed forwards, so it sits above an honest client's rate, by 2 x max_length / mean tokens per
+    text), and the shape over the experts is the client's own claim, capped or not (all of a group's activations on
+    one expert is possible for an honest top-1 client). Within those limits a liar can still gain weight in FC-MoE's
+    importance; robust aggregation (`fedmedian`, `FCMoEConfig(robust=...)`) is the defence there.
 
     Deltas are untouched (the norm bound judges them), and so is every update within bounds. Ids are not checked here
     (see [`UpdateBounds.assignment_problem`]). Each capped update is logged (WARNING) and listed as a [`CappedUpdate`].
@@ -261,7 +269,7 @@ def cap_counts(updates: Sequence[ClientUpdate], bounds: UpdateBounds) -> tuple[l
         for i in over:
             values = counts[i][group].double()
             total_limit, expert_limit = bounds.activation_limits(samples[i])
-            target = min(rate * samples[i], total_limit)
+            target = min(rate * samples[i], total_limit, float(values.sum()))  # a cap never raises a count
             scaled = (values * (target / float(values.sum()))).floor().clamp(max=math.floor(expert_limit))
             counts[i][group] = scaled.to(counts[i][group].dtype)
             scaled_groups[i].append(

@@ -63,20 +63,28 @@ def run_config(simulation: FederatedSimulation) -> dict[str, Any]:
     return _jsonable(config)
 
 
+#: Aggregator config fields added after checkpoints began recording configurations -> the behaviour a checkpoint
+#: that does not record the field ran with. Any other unrecorded field is taken to have run with its default.
+BEHAVIOUR_BEFORE_FIELD: dict[str, Any] = {"bounds_action": "reject"}
+
+
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """`field: checkpoint value -> current value` for every field that differs (aggregator config keys as
     `aggregator_config.<key>`).
 
-    An aggregator config field the checkpoint does not record at all was added by a later fcmoe_hf: it is not a
-    difference (upgrading the library must not strand a run), and [`check_resume_config`] logs it."""
+    An aggregator config field the checkpoint does not record was added by a later fcmoe_hf. It is compared with the
+    behaviour the checkpoint ran with ([`BEHAVIOUR_BEFORE_FIELD`]), so a default that changed what the run does is a
+    difference; a field whose default keeps the old behaviour is not ([`check_resume_config`] logs it)."""
     current = _jsonable(current)
     lines = []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
         if key == "aggregator_config" and isinstance(old, dict) and isinstance(new, dict):
-            lines += [f"aggregator_config.{k}: {old.get(k, '<absent>')!r} -> {new[k]!r}" if k in new
-                      else f"aggregator_config.{k}: {old[k]!r} -> '<absent>'"
-                      for k in sorted(set(old) | set(new)) if k in old and old[k] != new.get(k, "<absent>")]
+            recorded = {**{k: v for k, v in BEHAVIOUR_BEFORE_FIELD.items() if k in new}, **old}
+            for k in sorted(set(recorded) | set(new)):
+                if k in recorded and recorded[k] != new.get(k, "<absent>"):
+                    before = repr(recorded[k]) if k in old else f"{recorded[k]!r} (not recorded: the behaviour then)"
+                    lines.append(f"aggregator_config.{k}: {before} -> {new.get(k, '<absent>')!r}")
         elif old != new:
             lines.append(f"{key}: {old!r} -> {new!r}")
     return lines

@@ -216,7 +216,8 @@ class Aggregator:
                 from (`{sender_id: update}`): an update claiming another id is rejected as spoofed. Items may also
                 be [`RejectedUpdate`]s (rejected upstream, e.g. unreadable files); they are reported as rejected.
             bounds ([`UpdateBounds`], *optional*): what the transport knows about the round (assigned ids,
-                partition sizes, activation bounds); updates outside it are rejected (`config.enforce_bounds`).
+                partition sizes, activation bounds), enforced when `config.enforce_bounds`: an unassigned id is
+                rejected, counts beyond the bounds are capped or the update rejected (`config.bounds_action`).
 
         Raises:
             `ValueError`: if fewer than `config.min_clients` valid updates remain (the message lists the rejections),
