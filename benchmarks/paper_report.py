@@ -122,7 +122,9 @@ def _write_report(results: Path, out_dir: Path) -> Path:
     else:
         grid_protocol = all_cells[-1]["protocol"] if all_cells else None
     grid = [r for r in all_cells if r["protocol"] == grid_protocol]
-    swept = [r for r in all_cells if sweep and r not in grid and {**r["protocol"], "learning_rate": chosen} == grid_protocol]
+    swept = [r for r in all_cells if sweep and r not in grid and r["method"] == "fedavg"
+             and (float(r["alpha"]), r["seed"]) == (sweep[-1]["alpha"], sweep[-1]["seed"])
+             and {**r["protocol"], "learning_rate": chosen} == grid_protocol]
     other = [r for r in all_cells if r not in grid and r not in swept]
     cells = _cells(grid)
     alphas = sorted({alpha for _, alpha in cells})
