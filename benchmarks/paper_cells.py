@@ -55,6 +55,7 @@ def attack_transform(attack: str):
 
 def splits_for(protocol, alpha: float, seed: int):
     from fcmoe_hf.data import PartitionConfig, load_bundled_fortunes, load_text_dataset, partition_dataset
+    from fcmoe_hf.simulation.round_metrics import first_rows
 
     corpus = load_bundled_fortunes() if protocol.dataset is None else load_text_dataset(protocol.dataset)
     config = PartitionConfig(
@@ -62,9 +63,8 @@ def splits_for(protocol, alpha: float, seed: int):
         min_partition_size=protocol.min_partition_size, local_test_fraction=protocol.local_test_fraction,
     )
     splits = partition_dataset(corpus, config)
-    if protocol.max_train_samples_per_client is not None:
-        for client in splits.clients:
-            client["train"] = client["train"].select(range(min(protocol.max_train_samples_per_client, client["train"].num_rows)))
+    for client in splits.clients:
+        client["train"] = first_rows(client["train"], protocol.max_train_samples_per_client)
     return splits
 
 
@@ -169,6 +169,7 @@ def centralized(protocol, alpha, seed, workdir) -> list[dict[str, Any]]:
     from datasets import DatasetDict, concatenate_datasets
 
     from fcmoe_hf.data import ClientSplits
+    from fcmoe_hf.simulation.round_metrics import first_rows
     from fcmoe_hf.tasks import build_task
 
     splits = splits_for(protocol, alpha, seed)
@@ -187,7 +188,7 @@ def centralized(protocol, alpha, seed, workdir) -> list[dict[str, Any]]:
     def local_accuracies(round_index, metrics):
         limit = protocol.max_local_eval_samples
         per_round_local.append([
-            task.evaluate(model, t if limit is None or t.num_rows <= limit else t.select(range(limit)), batch_size=64)["accuracy"]
+            task.evaluate(model, first_rows(t, limit), batch_size=64)["accuracy"]
             for t in local_tests
         ])
 

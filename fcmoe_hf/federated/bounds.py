@@ -179,23 +179,30 @@ class UpdateBounds:
             limit = self.max_num_samples(client_id)
             if limit is not None and num_samples > limit:
                 return f"num_samples {num_samples} exceeds the client's assigned partition size {limit}"
+        for group, counts in activation_counts.items():
+            problem = self.counts_problem(group, counts, num_samples)
+            if problem is not None:
+                return problem
+        return None
+
+    def counts_problem(self, group: str, counts: torch.Tensor, num_samples: int) -> Optional[str]:
+        """`None` if one group's activation counts are within what `num_samples` samples can produce, else the reason."""
         limits = self.activation_limits(num_samples)
         if limits is None:
             return None
         total_limit, expert_limit = limits
-        for group, counts in activation_counts.items():
-            counts = counts.double()
-            total = float(counts.sum())
-            if total > total_limit:
-                return (
-                    f"activation_counts[{group!r}] sums to {total:.6g}, more than num_samples x "
-                    f"max_activations_per_sample = {total_limit:.6g}"
-                )
-            if counts.numel() and float(counts.max()) > expert_limit:
-                return (
-                    f"activation_counts[{group!r}] has an expert with {float(counts.max()):.6g} activations, more than "
-                    f"num_samples x max_activations_per_sample / top_k = {expert_limit:.6g}"
-                )
+        counts = counts.double()
+        total = float(counts.sum())
+        if total > total_limit:
+            return (
+                f"activation_counts[{group!r}] sums to {total:.6g}, more than num_samples x "
+                f"max_activations_per_sample = {total_limit:.6g}"
+            )
+        if counts.numel() and float(counts.max()) > expert_limit:
+            return (
+                f"activation_counts[{group!r}] has an expert with {float(counts.max()):.6g} activations, more than "
+                f"num_samples x max_activations_per_sample / top_k = {expert_limit:.6g}"
+            )
         return None
 
     def activation_limits(self, num_samples: int) -> Optional[tuple[float, float]]:
@@ -218,10 +225,6 @@ class CappedUpdate:
 
     client_id: str
     reason: str
-
-
-def _within(counts: torch.Tensor, limits: Optional[tuple[float, float]]) -> bool:
-    return limits is None or (float(counts.sum()) <= limits[0] and (not counts.numel() or float(counts.max()) <= limits[1]))
 
 
 def cap_counts(updates: Sequence[ClientUpdate], bounds: UpdateBounds) -> tuple[list[ClientUpdate], list[CappedUpdate]]:
@@ -258,9 +261,8 @@ def cap_counts(updates: Sequence[ClientUpdate], bounds: UpdateBounds) -> tuple[l
         over: list[int] = []
         for i in range(len(updates)):
             if group in counts[i]:
-                values = counts[i][group].double()
-                if _within(values, bounds.activation_limits(samples[i])):
-                    rates.append(float(values.sum()) / max(samples[i], 1))
+                if bounds.counts_problem(group, counts[i][group], samples[i]) is None:
+                    rates.append(float(counts[i][group].double().sum()) / max(samples[i], 1))
                 else:
                     over.append(i)
         if not over:
@@ -307,4 +309,3 @@ def routing_top_k(model: Any) -> int:
     (the larger), 1 for a dense model."""
     peft_config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
     return max(getattr(peft_config, "top_k", 1) or 1, getattr(model.config, "num_experts_per_tok", 1) or 1)
-

@@ -81,8 +81,8 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
         old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
         if key == "aggregator_config" and isinstance(old, dict) and isinstance(new, dict):
             recorded = {**{k: v for k, v in BEHAVIOUR_BEFORE_FIELD.items() if k in new}, **old}
-            for k in sorted(set(recorded) | set(new)):
-                if k in recorded and recorded[k] != new.get(k, "<absent>"):
+            for k in sorted(recorded):
+                if recorded[k] != new.get(k, "<absent>"):
                     before = repr(recorded[k]) if k in old else f"{recorded[k]!r} (not recorded: the behaviour then)"
                     lines.append(f"aggregator_config.{k}: {before} -> {new.get(k, '<absent>')!r}")
         elif old != new:
@@ -115,7 +115,9 @@ def check_resume_config(simulation: FederatedSimulation, state: Mapping[str, Any
         logger.warning("%s predates recorded run configurations: only its aggregator is compared.", checkpoint)
     else:
         current = run_config(simulation)
-    added = sorted(set(current.get("aggregator_config") or {}) - set(saved.get("aggregator_config") or {}))
+    # Unrecorded fields with a known earlier behaviour are compared (config_differences), not merely logged.
+    added = sorted(set(current.get("aggregator_config") or {}) - set(saved.get("aggregator_config") or {})
+                   - set(BEHAVIOUR_BEFORE_FIELD))
     if added and isinstance(saved.get("aggregator_config"), dict):
         logger.warning("%s does not record aggregator_config field(s) %s (added since it was written); resuming "
                        "with their current values.", checkpoint, ", ".join(added))
